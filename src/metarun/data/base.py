@@ -1,0 +1,154 @@
+"""Types shared by every dataset family: labelled images of many classes, and class splits.
+
+A dataset module turns files (or a generator) into one :class:`ImageClasses` holding every
+class, then :func:`split_by_names` or :func:`split_by_seed` cuts it into train/val/test
+classes, and :func:`with_rotations` optionally adds rotated copies as new classes. Tasks are
+sampled later, from one split at a time (``metarun.tasks``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+class DatasetError(RuntimeError):
+    """Data is missing, corrupt or does not fit the request. The message is one line for the user."""
+
+
+@dataclass
+class ImageClasses:
+    """Labelled images of many classes.
+
+    Attributes:
+        images: uint8 tensor ``[N, C, H, W]``; for character data, ink is bright (255) on a
+            dark (0) background.
+        labels: int64 tensor ``[N]`` with values in ``[0, len(class_names))``.
+        class_names: one unique name per class, e.g. ``"Latin/character01"``.
+        groups: one group name per class (the alphabet for character data), used by protocols
+            that draw every class of a task from one group (Koch et al. 2015).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    groups: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must be [N] with one label per image")
+        if len(self.class_names) != len(self.groups):
+            raise ValueError("class_names and groups must have one entry per class")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def samples_per_class(self) -> torch.Tensor:
+        """int64 ``[num_classes]``: how many images each class has."""
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+    def subset(self, class_indices: list[int]) -> ImageClasses:
+        """The given classes only, relabelled ``0..len(class_indices)-1`` in the given order."""
+        remap = torch.full((self.num_classes,), -1, dtype=torch.long)
+        remap[torch.tensor(class_indices, dtype=torch.long)] = torch.arange(len(class_indices))
+        new_labels = remap[self.labels]
+        keep = new_labels >= 0
+        return ImageClasses(
+            images=self.images[keep],
+            labels=new_labels[keep],
+            class_names=[self.class_names[i] for i in class_indices],
+            groups=[self.groups[i] for i in class_indices],
+        )
+
+
+@dataclass
+class ClassSplits:
+    """Disjoint class splits: meta-train, meta-validation and meta-test classes."""
+
+    train: ImageClasses
+    val: ImageClasses
+    test: ImageClasses
+
+    def items(self) -> list[tuple[str, ImageClasses]]:
+        return [("train", self.train), ("val", self.val), ("test", self.test)]
+
+
+def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int) -> ClassSplits:
+    """Shuffle the classes with ``random.Random(seed)`` and cut them into train/val/test.
+
+    This is MAML's Omniglot protocol (Finn et al. 2017: a seeded shuffle of the 1623 characters,
+    1100 train / 100 val / 423 test). A private RNG keeps the split independent of the run seed
+    and of anything else that touched the global RNG (learn2learn's own split does not).
+
+    Args:
+        classes: all classes, before rotations.
+        sizes: number of train, val and test classes; ``-1`` for test means "all the rest".
+        seed: seed of the shuffle.
+    """
+    n_train, n_val, n_test = sizes
+    if n_test < 0:
+        n_test = classes.num_classes - n_train - n_val
+    if min(n_train, n_val, n_test) < 0 or n_train + n_val + n_test > classes.num_classes:
+        raise DatasetError(
+            f"class split {n_train}/{n_val}/{n_test} needs {n_train + n_val + n_test} classes but the "
+            f"dataset has {classes.num_classes}; set dataset.split_sizes to fit"
+        )
+    order = list(range(classes.num_classes))
+    random.Random(seed).shuffle(order)
+    cuts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val : n_train + n_val + n_test])
+    return ClassSplits(*(classes.subset(sorted(c)) for c in cuts))
+
+
+def with_rotations(classes: ImageClasses, angles: tuple[int, ...] = (0, 90, 180, 270)) -> ImageClasses:
+    """Rotated copies of every class as new classes (Santoro et al. 2016; Finn et al. 2017).
+
+    Class ``c`` rotated by ``angles[r]`` becomes class ``c * len(angles) + r`` and is named
+    ``"<name>/rot<angle:03d>"`` (the naming of Vinyals et al.'s split files).
+    """
+    if any(a % 90 for a in angles):
+        raise ValueError(f"rotations must be multiples of 90 degrees, got {angles}")
+    images, labels = [], []
+    for r, angle in enumerate(angles):
+        images.append(torch.rot90(classes.images, k=angle // 90, dims=(2, 3)))
+        labels.append(classes.labels * len(angles) + r)
+    order = torch.argsort(torch.cat(labels), stable=True)
+    return ImageClasses(
+        images=torch.cat(images)[order],
+        labels=torch.cat(labels)[order],
+        class_names=[f"{name}/rot{angle:03d}" for name in classes.class_names for angle in angles],
+        groups=[group for group in classes.groups for _ in angles],
+    )
+
+
+def split_by_names(classes: ImageClasses, names: dict[str, list[str]]) -> ClassSplits:
+    """Cut ``classes`` into the splits listed by name (e.g. Vinyals et al.'s Omniglot split).
+
+    Args:
+        classes: the classes the names refer to (already rotated when the lists name rotations).
+        names: ``{"train": [...], "val": [...], "test": [...]}`` of class names.
+
+    Raises:
+        DatasetError: a listed class is not in the dataset, or a class is listed twice.
+    """
+    index = {name: i for i, name in enumerate(classes.class_names)}
+    seen: set[str] = set()
+    parts = []
+    for split in ("train", "val", "test"):
+        wanted = names[split]
+        missing = [n for n in wanted if n not in index]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} classes of the {split} split list are not in the dataset "
+                f"(first: {missing[0]!r}); check dataset.split_dir and dataset.rotations"
+            )
+        twice = seen.intersection(wanted)
+        if twice:
+            raise DatasetError(f"class {sorted(twice)[0]!r} is listed in two splits; the split lists must be disjoint")
+        seen.update(wanted)
+        parts.append(classes.subset([index[n] for n in wanted]))
+    return ClassSplits(*parts)
