@@ -91,13 +91,14 @@ def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int)
         seed: seed of the shuffle.
     """
     n_train, n_val, n_test = sizes
-    if n_test < 0:
-        n_test = classes.num_classes - n_train - n_val
-    if min(n_train, n_val, n_test) < 0 or n_train + n_val + n_test > classes.num_classes:
+    needed = n_train + n_val + max(n_test, 1)
+    if min(n_train, n_val) < 1 or n_test == 0 or needed > classes.num_classes:
         raise DatasetError(
-            f"class split {n_train}/{n_val}/{n_test} needs {n_train + n_val + n_test} classes but the "
+            f"class split {n_train}/{n_val}/{n_test} (train/val/test) needs at least {needed} classes but the "
             f"dataset has {classes.num_classes}; set dataset.split_sizes to fit"
         )
+    if n_test < 0:
+        n_test = classes.num_classes - n_train - n_val
     order = list(range(classes.num_classes))
     random.Random(seed).shuffle(order)
     cuts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val : n_train + n_val + n_test])

@@ -1,0 +1,33 @@
+"""Meta-SGD."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from metarun._learn2learn import l2l
+from metarun.algorithms.gradient import GradientBasedAlgorithm, check_inner_loop, classifier
+
+
+class MetaSGD(GradientBasedAlgorithm):
+    """Meta-SGD (Li, Zhou, Chen, Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", 2017).
+
+    Like MAML, but every parameter has its own meta-learned inner learning rate (a tensor of
+    the parameter's shape, initialised to ``inner_lr``): ``theta' = theta - alpha * grad``
+    with ``alpha`` learned in the outer loop. Built on ``l2l.algorithms.MetaSGD``.
+
+    Args:
+        features: backbone ``[B, C, H, W] -> [B, out_features]``.
+        ways: classes per task.
+        inner_lr: initial value of every learned learning rate.
+        first_order: drop second-order terms of the meta-gradient.
+        inner_steps: adaptation steps during meta-training (the paper uses 1).
+        eval_inner_steps: adaptation steps at evaluation.
+        train_ways: ways of meta-training tasks; must equal ``ways``.
+    """
+
+    def __init__(self, features: nn.Module, ways: int, inner_lr: float = 0.4, first_order: bool = False,
+                 inner_steps: int = 1, eval_inner_steps: int = 1, train_ways: int | None = None) -> None:
+        super().__init__(inner_steps, eval_inner_steps)
+        check_inner_loop(inner_lr, ways, train_ways)
+        self.first_order = first_order
+        self.learnable = l2l.algorithms.MetaSGD(classifier(features, ways), lr=inner_lr, first_order=first_order)

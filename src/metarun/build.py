@@ -1,0 +1,101 @@
+"""Config -> parts. The only caller of ``hydra.utils.instantiate``.
+
+Everything that can fail on a bad config or missing data fails here, before training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metarun import config
+from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.data.base import ClassSplits
+from metarun.tasks import FixedTasks, TaskSampler
+from metarun.tracking import ConsoleTracker, FileTracker, Tracker, Trackers
+
+log = logging.getLogger(__name__)
+
+# Fixed evaluation tasks are drawn with seeds derived from the run seed, away from it, so that
+# they never coincide with the training task stream and stay the same whatever else changes.
+VAL_TASK_SEED_OFFSET = 1_000_003
+TEST_TASK_SEED_OFFSET = 2_000_003
+
+
+@dataclass
+class Parts:
+    """Everything a run needs, built from the config."""
+
+    device: torch.device
+    algorithm: Algorithm
+    optimizer: torch.optim.Optimizer
+    train_sampler: TaskSampler
+    val_tasks: FixedTasks
+    test_tasks: FixedTasks
+    tracker: Tracker
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's RNG (learn2learn draws tasks with it), NumPy's and torch's."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_data(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, FixedTasks, FixedTasks]:
+    """The training task sampler and the fixed validation and test tasks."""
+    splits: ClassSplits = instantiate(cfg.dataset, _convert_="all")
+    train = TaskSampler(splits.train, cfg.train_ways, cfg.shots, cfg.train_query_shots, device, "train")
+    val = TaskSampler(splits.val, cfg.ways, cfg.shots, cfg.query_shots, device, "val")
+    test = TaskSampler(splits.test, cfg.ways, cfg.shots, cfg.query_shots, device, "test")
+    return (
+        train,
+        val.fixed_tasks(cfg.eval.val_tasks, seed=cfg.seed + VAL_TASK_SEED_OFFSET),
+        test.fixed_tasks(cfg.eval.tasks, seed=cfg.seed + TEST_TASK_SEED_OFFSET),
+    )
+
+
+def build_algorithm(cfg: DictConfig, device: torch.device) -> tuple[Algorithm, torch.optim.Optimizer]:
+    features = instantiate(cfg.backbone)
+    algorithm = instantiate(cfg.algorithm, features=features, ways=cfg.ways, train_ways=cfg.train_ways)
+    algorithm = algorithm.to(device)
+    optimizer = instantiate(cfg.optimizer)(params=algorithm.parameters())
+    return algorithm, optimizer
+
+
+def build_tracker(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None) -> Tracker:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    trackers: list[Tracker] = [FileTracker(output_dir)]
+    trackers.append(instantiate(cfg.wandb, run_config=resolved, dir=str(output_dir), defaults=wandb_defaults or {},
+                                _convert_="all", _recursive_=False))
+    if cfg.console:
+        trackers.append(ConsoleTracker())
+    return Trackers(trackers)
+
+
+def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None) -> Parts:
+    """Validate ``cfg`` and build every part of the run, trackers last (nothing is logged for a
+    run that cannot start)."""
+    config.validate(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    algorithm, optimizer = build_algorithm(cfg, device)
+    train_sampler, val_tasks, test_tasks = build_data(cfg, device)
+    tracker = build_tracker(cfg, output_dir, wandb_defaults)
+    return Parts(device, algorithm, optimizer, train_sampler, val_tasks, test_tasks, tracker)

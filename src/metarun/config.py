@@ -1,0 +1,82 @@
+"""The structured schema of a run's top-level settings, registered with Hydra's ConfigStore.
+
+conf/config.yaml starts from this schema (``defaults: [run_schema, ...]``), so a mistyped key
+or a value of the wrong type fails when the config is composed, before anything is built.
+Range checks that a type cannot express are in :func:`validate`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from metarun.algorithms.base import ConfigError
+
+
+@dataclass
+class EvalConfig:
+    """Meta-validation and meta-test protocol."""
+
+    tasks: int = 600  # fixed test tasks (MAML and RelationNet use 600)
+    val_tasks: int = 100  # fixed validation tasks
+    ci_z: float = 1.96  # CI half-width = ci_z * std / sqrt(tasks)
+    bn_batch_stats: bool = True  # BatchNorm uses the task's batch statistics at evaluation (MAML, transductive)
+
+
+@dataclass
+class RunConfig:
+    """Top-level settings; the component groups (dataset, algorithm, backbone, optimizer) carry a ``_target_``."""
+
+    dataset: Any = MISSING
+    algorithm: Any = MISSING
+    backbone: Any = MISSING
+    optimizer: Any = MISSING
+    wandb: Any = MISSING
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N ; auto picks cuda when available
+    iterations: int = 1000  # meta-training iterations (one meta-batch each)
+    meta_batch_size: int = 32  # tasks per meta-update
+    grad_clip: Optional[float] = None  # clip the meta-gradient's global norm
+    ways: int = 5  # classes per evaluation task
+    shots: int = 1  # support samples per class
+    query_shots: int = 1  # query samples per class at evaluation
+    train_ways: int = "${ways}"  # type: ignore[assignment]  # classes per training task
+    train_query_shots: int = "${query_shots}"  # type: ignore[assignment]
+    eval_every: int = 100  # validate every N iterations (and after the last)
+    checkpoint_every: int = 100  # write checkpoints/last.pt every N iterations
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: Optional[str] = None  # None: Hydra's output directory of the job
+    resume: Optional[str] = None  # a checkpoint file or a run directory holding checkpoints/last.pt
+    console: bool = True  # rich progress bar and tables
+
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for values no run can use."""
+    positive = {
+        "iterations": cfg.iterations,
+        "meta_batch_size": cfg.meta_batch_size,
+        "eval_every": cfg.eval_every,
+        "checkpoint_every": cfg.checkpoint_every,
+        "eval.tasks": cfg.eval.tasks,
+        "eval.val_tasks": cfg.eval.val_tasks,
+        "ways": cfg.ways,
+        "shots": cfg.shots,
+        "query_shots": cfg.query_shots,
+        "train_ways": cfg.train_ways,
+        "train_query_shots": cfg.train_query_shots,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise ConfigError(f"grad_clip must be > 0 or null, got {cfg.grad_clip}")
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and lr < 0:
+        raise ConfigError(f"optimizer.lr must be >= 0, got {lr}")
+    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

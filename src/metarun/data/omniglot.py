@@ -1,0 +1,574 @@
+"""Omniglot: 1623 handwritten characters from 50 alphabets, 20 drawings each (Lake et al. 2015).
+
+Lake, Salakhutdinov and Tenenbaum (2015), "Human-level concept learning through probabilistic
+program induction", Science 350(6266). The official release is two zips of 105x105 PNGs with black
+ink on white: ``images_background`` (30 alphabets, 964 characters) and ``images_evaluation``
+(20 alphabets, 659 characters), laid out as ``<part>/<Alphabet>/characterNN/<drawing>.png``.
+
+Reading goes in two steps:
+
+1. :func:`load_omniglot_classes` finds the files (folders or the official zips, optionally in a
+   torchvision-style ``omniglot-py/`` subfolder), downloads the missing zips on request, decodes
+   every PNG once into a small uint8 tensor with bright ink, and caches the result on disk.
+2. :func:`load_omniglot` cuts the characters into train/val/test classes, either with MAML's
+   seeded shuffle (Finn et al. 2017) or from Vinyals et al.'s (2016) split lists, and adds the
+   rotated copies used as extra classes by both protocols.
+
+Zips are read in place with :mod:`zipfile` and never extracted, so nothing is written next to the
+user's data except the zips that ``download=True`` fetches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import urllib.request
+import zipfile
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metarun.data.base import (
+    ClassSplits,
+    DatasetError,
+    ImageClasses,
+    split_by_names,
+    split_by_seed,
+    with_rotations,
+)
+
+logger = logging.getLogger(__name__)
+
+# The two halves of the official release: part name -> (download URL, MD5 of the zip).
+# The MD5s are the ones torchvision publishes. Tests replace the entries (monkeypatch) to serve a
+# small zip from a file:// URL.
+OMNIGLOT_FILES: dict[str, tuple[str, str]] = {
+    "images_background": (
+        "https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip",
+        "68d2efa1b9178cc56df9314c21c6e718",
+    ),
+    "images_evaluation": (
+        "https://github.com/brendenlake/omniglot/raw/master/python/images_evaluation.zip",
+        "6b91aef0f799c5bb55b94e3f2daec811",
+    ),
+}
+PARTS = tuple(OMNIGLOT_FILES)
+
+# torchvision's Omniglot dataset keeps its files in this subfolder of its root.
+TORCHVISION_SUBDIR = "omniglot-py"
+
+SPLITS = ("maml", "vinyals")
+
+# Bump when the decoding or the cache layout changes: it is part of the cache key, so old caches
+# are simply not found any more (and can be deleted by hand).
+CACHE_FORMAT_VERSION = 1
+
+# Vinyals et al.'s split files name rotated classes "Alphabet/characterNN/rot090".
+_ROTATION_SUFFIX = re.compile(r"/rot\d{3}$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def load_omniglot(
+    root: str,
+    download: bool = False,
+    image_size: int = 28,
+    rotations: bool = True,
+    split: str = "maml",
+    split_seed: int = 1,
+    split_sizes: tuple[int, int, int] | list[int] = (1100, 100, 423),
+    split_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> ClassSplits:
+    """Omniglot (Lake et al. 2015) cut into meta-train, meta-validation and meta-test classes.
+
+    Two protocols:
+
+    * ``split="maml"`` (Finn et al. 2017): a seeded shuffle of the 1623 characters cut into
+      ``split_sizes`` (1100/100/423), then, if ``rotations``, every split gets the 90/180/270
+      degree rotations of its own characters as extra classes (4400/400/1692 classes). Rotations
+      of a train character are therefore never seen at validation or test time.
+    * ``split="vinyals"`` (Vinyals et al. 2016): the classes listed in ``split_dir``'s
+      ``train.txt``, ``val.txt`` and ``test.txt`` (one class name per line). When the names end in
+      ``/rotNNN`` the rotated classes are built first and then selected by name, so the files
+      alone decide which rotations exist and ``rotations`` must not be ``False``.
+
+    Args:
+        root: folder holding ``images_background`` and ``images_evaluation`` as folders or as the
+            official zips, directly or in an ``omniglot-py/`` subfolder. ``~`` is expanded.
+        download: fetch the missing official zips into ``root`` (checked against their MD5).
+        image_size: side ``S`` of the square images after resizing.
+        rotations: add rotated copies (0/90/180/270 degrees) as new classes (``maml`` split).
+        split: ``"maml"`` or ``"vinyals"``.
+        split_seed: seed of the ``maml`` shuffle; independent of the run seed.
+        split_sizes: train/val/test class counts of the ``maml`` split, before rotations; ``-1``
+            for test means "all the rest".
+        split_dir: folder with the ``vinyals`` split lists.
+        cache_dir: where the decoded images are cached; ``None`` means ``$METARUN_CACHE`` or
+            ``~/.cache/metarun``.
+
+    Returns:
+        Disjoint class splits. Each holds uint8 images ``[N, 1, S, S]`` (ink 255, background 0),
+        int64 labels ``[N]`` and one name (``"Alphabet/characterNN"``, plus ``"/rotNNN"`` with
+        rotations) and one group (the alphabet) per class.
+
+    Raises:
+        DatasetError: the data or the split files are missing or corrupt, or the arguments do not
+            fit together.
+    """
+    # Check the cheap things (split arguments, split files) before decoding 32460 images.
+    if split == "maml":
+        sizes = _check_split_sizes(split_sizes)
+        names, rotated = None, False
+    elif split == "vinyals":
+        names = _read_split_lists(split_dir)
+        rotated = _names_are_rotated(names)
+        if rotated and not rotations:
+            raise DatasetError(
+                f"the split lists in {Path(split_dir).expanduser().resolve()} name rotated classes "
+                "(.../rotNNN) but dataset.rotations=false; set dataset.rotations=true or use split "
+                "lists without rotations"
+            )
+    else:
+        raise DatasetError(
+            f"unknown Omniglot split {split!r}; valid splits: 'maml' (Finn et al. 2017, seeded) or "
+            "'vinyals' (Vinyals et al. 2016, needs dataset.split_dir)"
+        )
+
+    classes = load_omniglot_classes(root, download=download, image_size=image_size, cache_dir=cache_dir)
+
+    if names is None:
+        splits = split_by_seed(classes, sizes, split_seed)
+        if rotations:
+            splits = ClassSplits(*(with_rotations(part) for _, part in splits.items()))
+        description = f"maml split (seed {split_seed}{', with rotations' if rotations else ''})"
+    else:
+        if rotated:
+            classes = with_rotations(classes)
+        elif rotations:
+            # The files list unrotated classes, and they decide: no rotated classes are added.
+            logger.info("the vinyals split lists name no rotations, so no rotated classes are added")
+        splits = split_by_names(classes, names)
+        description = f"vinyals split from {Path(split_dir).expanduser().resolve()}"
+
+    logger.info(
+        "Omniglot %s: %d train / %d val / %d test classes",
+        description,
+        splits.train.num_classes,
+        splits.val.num_classes,
+        splits.test.num_classes,
+    )
+    return splits
+
+
+def load_omniglot_classes(
+    root: str, download: bool = False, image_size: int = 28, cache_dir: str | None = None
+) -> ImageClasses:
+    """All 1623 Omniglot characters (Lake et al. 2015), before any split or rotation.
+
+    The first call decodes every PNG (a few seconds) and caches the result in ``cache_dir``;
+    later calls load the cache. The cache is keyed by the source path, ``image_size`` and the
+    names and sizes of the source files, so changed data is decoded again.
+
+    Args:
+        root: folder holding ``images_background`` and ``images_evaluation`` as folders or as the
+            official zips, directly or in an ``omniglot-py/`` subfolder. ``~`` is expanded.
+        download: fetch the missing official zips into ``root`` (checked against their MD5).
+        image_size: side ``S`` of the square images after resizing.
+        cache_dir: where the decoded images are cached; ``None`` means ``$METARUN_CACHE`` or
+            ``~/.cache/metarun``.
+
+    Returns:
+        ``ImageClasses`` with uint8 images ``[N, 1, S, S]`` (ink 255 on a 0 background), int64
+        labels ``[N]`` in ascending order, class names ``"Alphabet/characterNN"`` sorted by
+        (alphabet, character) across both parts, and the alphabet of each class as its group.
+        The full dataset has N = 32460 images of 1623 classes.
+
+    Raises:
+        DatasetError: the data is missing (and not downloaded), a zip has the wrong checksum, or
+            a zip or PNG cannot be read.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DatasetError(f"dataset.image_size must be a positive integer, got {image_size!r}")
+
+    base, parts = _locate_parts(Path(root).expanduser().resolve(), download)
+
+    cache_path = _cache_dir(cache_dir) / f"omniglot_{image_size}px_{_cache_key(base, parts, image_size)}.pt"
+    cached = _load_cache(cache_path, image_size)
+    if cached is not None:
+        logger.info("loaded decoded Omniglot images from cache %s", cache_path)
+        return cached
+
+    start = time.perf_counter()
+    classes = _decode_all(parts, image_size)
+    logger.info(
+        "decoded %d Omniglot images of %d characters from %s in %.1f s",
+        classes.images.shape[0],
+        classes.num_classes,
+        base,
+        time.perf_counter() - start,
+    )
+    _save_cache(cache_path, classes)
+    return classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and downloading the files
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """Where one half of the release (``images_background`` or ``images_evaluation``) lives."""
+
+    name: str
+    path: Path  # the folder, or the .zip file
+    is_zip: bool
+
+
+def _find_parts(base: Path) -> dict[str, _Part]:
+    """The parts present in ``base``; a folder wins over a zip of the same name (already extracted)."""
+    found = {}
+    for name in PARTS:
+        if (base / name).is_dir():
+            found[name] = _Part(name, base / name, is_zip=False)
+        elif (base / f"{name}.zip").is_file():
+            found[name] = _Part(name, base / f"{name}.zip", is_zip=True)
+    return found
+
+
+def _locate_parts(root: Path, download: bool) -> tuple[Path, list[_Part]]:
+    """The folder holding both parts (``root`` or ``root/omniglot-py``) and the parts themselves.
+
+    With ``download``, the missing zips are fetched into the folder that already holds a part
+    (``root`` if none does).
+    """
+    candidates = [root, root / TORCHVISION_SUBDIR]
+    for base in candidates:
+        parts = _find_parts(base)
+        if len(parts) == len(PARTS):
+            return base, [parts[name] for name in PARTS]
+
+    # Incomplete: prefer the folder that already holds one part so that both end up together.
+    base = next((b for b in candidates if _find_parts(b)), root)
+    missing = [name for name in PARTS if name not in _find_parts(base)]
+    if not download:
+        raise DatasetError(
+            f"Omniglot not found: {base} lacks {' and '.join(missing)} (looked in {root} and "
+            f"{root / TORCHVISION_SUBDIR}, for folders or .zip files); set dataset.root=... to a folder "
+            "holding images_background and images_evaluation (folders or the official zips), or set "
+            "dataset.download=true"
+        )
+    for name in missing:
+        _download_part(name, base)
+    parts = _find_parts(base)
+    return base, [parts[name] for name in PARTS]
+
+
+def _download_part(name: str, dest_dir: Path) -> Path:
+    """Download ``<name>.zip`` into ``dest_dir``, checking its MD5 before it gets its final name.
+
+    The bytes go to ``<name>.zip.part`` first; only a file with the published checksum is renamed
+    to ``<name>.zip``, so an interrupted or tampered download never looks like data.
+    """
+    url, expected_md5 = OMNIGLOT_FILES[name]
+    final = dest_dir / f"{name}.zip"
+    partial = dest_dir / f"{name}.zip.part"
+    logger.info("downloading %s into %s", url, dest_dir)
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as err:  # URLError, HTTPError and timeouts are all OSErrors
+        partial.unlink(missing_ok=True)
+        raise DatasetError(
+            f"could not download {name}.zip from {url} into {dest_dir} ({_one_line(err)}); download it by "
+            f"hand and put it in {dest_dir}, or set dataset.root=... to a folder holding images_background "
+            "and images_evaluation (folders or the official zips)"
+        ) from err
+
+    actual_md5 = digest.hexdigest()
+    if actual_md5 != expected_md5:
+        partial.unlink(missing_ok=True)
+        raise DatasetError(
+            f"downloaded {name}.zip from {url} has MD5 {actual_md5}, expected {expected_md5}; nothing was "
+            f"kept; try again (the download may have been cut), or put the official file in {dest_dir} by hand"
+        )
+    os.replace(partial, final)
+    return final
+
+
+def _check_zip_md5(zip_path: Path, name: str) -> None:
+    """Refuse a zip that is not the official file (truncated, or a different release)."""
+    expected_md5 = OMNIGLOT_FILES[name][1]
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(zip_path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    actual_md5 = digest.hexdigest()
+    if actual_md5 != expected_md5:
+        raise DatasetError(
+            f"{zip_path} has MD5 {actual_md5} but the official {name}.zip has {expected_md5}; delete it "
+            "and re-download (dataset.download=true), or supply the official file"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def _decode_png(data: bytes, image_size: int, source: str) -> np.ndarray:
+    """One Omniglot PNG as a uint8 ``[S, S]`` array with bright ink on a dark background.
+
+    BOX resampling averages the source pixels under each target pixel: it is antialiased like
+    LANCZOS but has no ringing (no faint halo around the strokes), and is about twice as fast.
+
+    Raises:
+        DatasetError: the bytes are not a readable image; the message names ``source``.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            small = image.convert("L").resize((image_size, image_size), Image.BOX)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # PIL reports broken PNGs as OSError (incl. UnidentifiedImageError) or SyntaxError.
+        raise DatasetError(
+            f"cannot decode {source} ({_one_line(err)}); the file is corrupt: replace it with the official "
+            "file (or delete the data and re-download)"
+        ) from err
+    # The PNGs are black ink (0) on white (255); models expect the ink to be the signal.
+    return 255 - np.asarray(small, dtype=np.uint8)
+
+
+def _iter_pngs(part: _Part) -> Iterator[tuple[str, str, str, str, bytes]]:
+    """Every drawing of one part as ``(alphabet, character, file name, source for messages, bytes)``.
+
+    Only files at ``<Alphabet>/<character>/<file>.png`` count; hidden files (e.g. macOS ``._*``
+    and ``__MACOSX/``) are skipped.
+    """
+    if not part.is_zip:
+        for dirpath, dirnames, filenames in os.walk(part.path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            relative = Path(dirpath).relative_to(part.path).parts
+            if len(relative) != 2:
+                continue
+            for file_name in sorted(filenames):
+                if file_name.endswith(".png") and not file_name.startswith("."):
+                    path = Path(dirpath) / file_name
+                    yield relative[0], relative[1], file_name, str(path), path.read_bytes()
+        return
+
+    _check_zip_md5(part.path, part.name)
+    try:
+        with zipfile.ZipFile(part.path) as archive:
+            for member in archive.infolist():
+                pieces = member.filename.split("/")
+                if (
+                    member.is_dir()
+                    or not member.filename.endswith(".png")
+                    or len(pieces) < 3
+                    or any(p.startswith((".", "__MACOSX")) for p in pieces)
+                ):
+                    continue
+                source = f"{part.path}:{member.filename}"
+                yield pieces[-3], pieces[-2], pieces[-1], source, archive.read(member)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise DatasetError(
+            f"cannot read {part.path} ({_one_line(err)}); the zip is corrupt: delete it and re-download "
+            "(dataset.download=true), or supply the official file"
+        ) from err
+
+
+def _decode_all(parts: Sequence[_Part], image_size: int) -> ImageClasses:
+    """Decode every drawing of every part into one :class:`ImageClasses` (sorted classes and files).
+
+    Single-process on purpose: the full dataset takes a few seconds, so a worker pool would add
+    complexity for little gain.
+    """
+    drawings: dict[tuple[str, str], list[tuple[str, np.ndarray]]] = defaultdict(list)
+    part_of: dict[tuple[str, str], str] = {}
+    for part in parts:
+        for alphabet, character, file_name, source, data in _iter_pngs(part):
+            key = (alphabet, character)
+            # Class names leave out the part, so the same character in both parts would merge silently.
+            if part_of.setdefault(key, part.name) != part.name:
+                raise DatasetError(
+                    f"{alphabet}/{character} appears in both {part_of[key]} and {part.name}; the two "
+                    "parts of Omniglot must hold different alphabets"
+                )
+            drawings[key].append((file_name, _decode_png(data, image_size, source)))
+
+    if not drawings:
+        raise DatasetError(
+            f"no Omniglot PNGs found in {', '.join(str(p.path) for p in parts)} (expected "
+            "<part>/<Alphabet>/characterNN/*.png); set dataset.root=... to the official data"
+        )
+
+    class_keys = sorted(drawings)
+    images, labels = [], []
+    for label, key in enumerate(class_keys):
+        for _, array in sorted(drawings[key], key=lambda item: item[0]):
+            images.append(array)
+            labels.append(label)
+    return ImageClasses(
+        images=torch.from_numpy(np.stack(images)).unsqueeze(1),  # [N, 1, S, S]
+        labels=torch.tensor(labels, dtype=torch.int64),
+        class_names=[f"{alphabet}/{character}" for alphabet, character in class_keys],
+        groups=[alphabet for alphabet, _ in class_keys],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache of decoded images
+# ----------------------------------------------------------------------------------------------
+
+
+def _cache_dir(cache_dir: str | None) -> Path:
+    if cache_dir is None:
+        cache_dir = os.environ.get("METARUN_CACHE") or "~/.cache/metarun"
+    return Path(cache_dir).expanduser()
+
+
+def _cache_key(base: Path, parts: Sequence[_Part], image_size: int) -> str:
+    """Hash of everything the decoded images depend on.
+
+    The source files are described by (relative name, size): cheap to list (no reading), and any
+    re-extraction, added or removed drawing or different zip changes it.
+    """
+    files = []
+    for part in parts:
+        if part.is_zip:
+            files.append((part.path.name, part.path.stat().st_size))
+            continue
+        for dirpath, _, filenames in os.walk(part.path):
+            for file_name in filenames:
+                if file_name.endswith(".png"):
+                    path = Path(dirpath) / file_name
+                    files.append((path.relative_to(base).as_posix(), path.stat().st_size))
+    description = {
+        "format": CACHE_FORMAT_VERSION,
+        "source": str(base),
+        "image_size": image_size,
+        "files": sorted(files),
+    }
+    return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
+
+
+def _load_cache(path: Path, image_size: int) -> ImageClasses | None:
+    """The cached classes, or ``None`` when there is no usable cache (a broken one is logged)."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload["format"] != CACHE_FORMAT_VERSION:
+            raise ValueError(f"format {payload['format']}, expected {CACHE_FORMAT_VERSION}")
+        classes = ImageClasses(
+            images=payload["images"],
+            labels=payload["labels"],
+            class_names=list(payload["class_names"]),
+            groups=list(payload["groups"]),
+        )
+        expected_shape = (1, image_size, image_size)
+        if classes.images.dtype != torch.uint8 or tuple(classes.images.shape[1:]) != expected_shape:
+            raise ValueError(f"unexpected images {classes.images.dtype} {tuple(classes.images.shape)}")
+    except Exception as err:  # any unreadable cache (truncated, old, foreign) is simply rebuilt
+        logger.warning(
+            "ignoring unreadable Omniglot cache %s (%s); decoding the images again", path, _one_line(err)
+        )
+        return None
+    return classes
+
+
+def _save_cache(path: Path, classes: ImageClasses) -> None:
+    """Write the cache atomically (temp file + rename), so a crash never leaves half a cache.
+
+    A cache that cannot be written only costs time on the next run, so it is a warning, not an error.
+    """
+    payload = {
+        "format": CACHE_FORMAT_VERSION,
+        "images": classes.images,
+        "labels": classes.labels,
+        "class_names": classes.class_names,
+        "groups": classes.groups,
+    }
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+        os.replace(tmp_name, path)
+        logger.info("cached decoded Omniglot images in %s", path)
+    except OSError as err:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        logger.warning(
+            "could not write the Omniglot cache %s (%s); continuing without it", path, _one_line(err)
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_split_sizes(split_sizes: Sequence[int]) -> tuple[int, int, int]:
+    sizes = tuple(int(s) for s in split_sizes)
+    if len(sizes) != 3:
+        raise DatasetError(
+            f"dataset.split_sizes must be three numbers (train, val, test classes), got {list(split_sizes)}"
+        )
+    return sizes  # type: ignore[return-value]
+
+
+def _read_split_lists(split_dir: str | None) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...], "test": [...]}`` from ``split_dir``'s ``<split>.txt`` files."""
+    if split_dir is None:
+        raise DatasetError(
+            "the vinyals split needs dataset.split_dir=... (a folder with train.txt, val.txt and test.txt)"
+        )
+    folder = Path(split_dir).expanduser().resolve()
+    names = {}
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.txt"
+        if not path.is_file():
+            raise DatasetError(
+                f"split list {path} not found; dataset.split_dir must hold train.txt, val.txt and test.txt "
+                "(one class name per line, e.g. Angelic/character01/rot090)"
+            )
+        lines = path.read_text(encoding="utf-8").splitlines()
+        names[split] = [line.strip() for line in lines if line.strip()]
+    return names
+
+
+def _names_are_rotated(names: dict[str, list[str]]) -> bool:
+    """Whether the split lists name rotated classes (``.../rotNNN``); a mix of both is an error."""
+    flags = {bool(_ROTATION_SUFFIX.search(name)) for split_names in names.values() for name in split_names}
+    if len(flags) > 1:
+        raise DatasetError(
+            "the split lists mix rotated (.../rotNNN) and unrotated class names; use one kind throughout"
+        )
+    return flags == {True}
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one short line (error messages for the user are one line)."""
+    return " ".join(str(err).split()) or type(err).__name__

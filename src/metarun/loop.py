@@ -1,0 +1,253 @@
+"""Meta-training and evaluation, in plain functions a newcomer reads top to bottom.
+
+The loop owns the meta-optimizer, the backward pass, metrics and checkpoints; it calls the
+algorithm only through its contract (``run_task``, ``meta_loss``, ``inner_steps``,
+``eval_inner_steps``) and never looks inside it. Training, validation and testing share
+``Algorithm.run_task``; validation and testing share :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omegaconf import DictConfig, OmegaConf
+
+from metarun import checkpoint
+from metarun.algorithms.base import Algorithm
+from metarun.tasks import FixedTasks, TaskSampler
+from metarun.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The meta-training loss became NaN or infinite."""
+
+
+@dataclass
+class Evaluation:
+    """Query metrics of fixed tasks after each adaptation step.
+
+    Attributes:
+        loss: ``[tasks, steps + 1]`` query loss after 0..steps adaptation steps (one column for
+            methods without an inner loop).
+        accuracy: same shape, query accuracy in [0, 1]; None for regression.
+        ci_z: z-value of the confidence interval (1.96 for 95%).
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor | None
+    ci_z: float
+
+    def _ci(self, values: torch.Tensor) -> torch.Tensor:
+        n = values.shape[0]
+        std = values.std(dim=0, unbiased=True) if n > 1 else torch.zeros(values.shape[1])
+        return self.ci_z * std / math.sqrt(n)
+
+    def summary(self) -> dict[str, list[float]]:
+        """Mean and CI half-width per adaptation step: ``{"loss_mean": [...], "acc_ci95": [...], ...}``."""
+        out = {"loss_mean": self.loss.mean(0).tolist(), "loss_ci95": self._ci(self.loss).tolist()}
+        if self.accuracy is not None:
+            out["acc_mean"] = self.accuracy.mean(0).tolist()
+            out["acc_ci95"] = self._ci(self.accuracy).tolist()
+        return out
+
+    @property
+    def final_accuracy(self) -> float:
+        """Mean query accuracy after the last adaptation step (the validation objective)."""
+        return float(self.accuracy[:, -1].mean()) if self.accuracy is not None else -float(self.loss[:, -1].mean())
+
+
+@contextlib.contextmanager
+def batchnorm_mode(module: nn.Module, batch_stats: bool) -> Iterator[None]:
+    """Run ``module`` with BatchNorm on batch statistics (``batch_stats``) or running statistics.
+
+    MAML evaluates with the statistics of each task's batch (transductive, Finn et al. 2017),
+    i.e. in train mode. Train mode also updates the running statistics in place, so they are
+    restored on exit: evaluating never changes the model.
+    """
+    was_training = module.training
+    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    module.train(batch_stats)
+    try:
+        yield
+    finally:
+        module.train(was_training)
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(saved[name])
+
+
+def evaluate(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float) -> Evaluation:
+    """Adapt to each fixed task with ``eval_inner_steps`` steps and score every step on its query set."""
+    losses, accuracies = [], []
+    with torch.no_grad(), batchnorm_mode(algorithm, bn_batch_stats):
+        for task in tasks:
+            results = algorithm.run_task(task, algorithm.eval_inner_steps, every_step=True)
+            losses.append(torch.stack([r.loss for r in results]).cpu())
+            if results[0].accuracy is not None:
+                accuracies.append(torch.stack([r.accuracy for r in results]).cpu())
+    return Evaluation(
+        loss=torch.stack(losses),
+        accuracy=torch.stack(accuracies) if accuracies else None,
+        ci_z=ci_z,
+    )
+
+
+def train_step(
+    algorithm: Algorithm,
+    optimizer: torch.optim.Optimizer,
+    sampler: TaskSampler,
+    meta_batch_size: int,
+    grad_clip: float | None,
+) -> dict[str, float]:
+    """One meta-update: average the meta-loss over ``meta_batch_size`` fresh tasks and step.
+
+    Each task's loss is backpropagated as soon as it is computed, so only one task's graph is
+    alive at a time; gradients accumulate into ``.grad`` as the mean over the meta-batch.
+    """
+    algorithm.train()
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, total_acc = 0.0, 0.0
+    for _ in range(meta_batch_size):
+        results = algorithm.run_task(sampler.sample(), algorithm.inner_steps, every_step=False)
+        loss = algorithm.meta_loss(results)
+        (loss / meta_batch_size).backward()
+        total_loss += loss.item()
+        if results[-1].accuracy is not None:
+            total_acc += results[-1].accuracy.item()
+    if not math.isfinite(total_loss):
+        raise NonFiniteLossError(f"meta-training loss is {total_loss}")
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(algorithm.parameters(), grad_clip)
+    optimizer.step()
+    return {"train/loss": total_loss / meta_batch_size, "train/acc": total_acc / meta_batch_size}
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds besides the model and optimizer: enough to continue exactly."""
+
+    iteration: int = 0  # meta-updates done
+    best_val_acc: float = -math.inf
+    best_iteration: int = -1
+
+
+def meta_train(
+    algorithm: Algorithm,
+    optimizer: torch.optim.Optimizer,
+    train_sampler: TaskSampler,
+    val_tasks: FixedTasks,
+    tracker: Tracker,
+    output_dir: Path,
+    iterations: int,
+    meta_batch_size: int,
+    eval_every: int,
+    checkpoint_every: int,
+    grad_clip: float | None,
+    bn_batch_stats: bool,
+    ci_z: float,
+    resume_from: Path | None = None,
+) -> RunState:
+    """Meta-train, validating every ``eval_every`` iterations and keeping the best checkpoint.
+
+    Writes ``checkpoints/best.pt`` (best mean validation accuracy after the last adaptation
+    step) and ``checkpoints/last.pt`` (everything needed to resume). Returns the final state.
+    """
+    state = RunState()
+    ckpt_dir = output_dir / "checkpoints"
+    if resume_from is not None:
+        state = checkpoint.load_run(resume_from, algorithm, optimizer, RunState)
+        # The best model so far belongs to the resumed run; carry it over so it can still win.
+        previous_best = resume_from.parent / "best.pt"
+        if previous_best.is_file() and previous_best.resolve() != (ckpt_dir / "best.pt").resolve():
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(previous_best, ckpt_dir / "best.pt")
+        log.info("resumed from %s at iteration %d", resume_from, state.iteration)
+    tracker.start_training(iterations, state.iteration)
+    while state.iteration < iterations:
+        try:
+            metrics = train_step(algorithm, optimizer, train_sampler, meta_batch_size, grad_clip)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(
+                f"{error} at iteration {state.iteration + 1}; lower optimizer.lr or algorithm.inner_lr, "
+                f"or set grad_clip (checkpoints so far are in {ckpt_dir})"
+            ) from None
+        state.iteration += 1
+        tracker.log(metrics, state.iteration)
+        if state.iteration % eval_every == 0 or state.iteration == iterations:
+            val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z)
+            val_metrics = {"val/acc": val.final_accuracy, "val/loss": float(val.loss[:, -1].mean())}
+            if val.final_accuracy > state.best_val_acc:
+                state.best_val_acc, state.best_iteration = val.final_accuracy, state.iteration
+                checkpoint.save_model(ckpt_dir / "best.pt", algorithm, state.iteration)
+            tracker.log(val_metrics, state.iteration)
+        if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
+            checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, state)
+    tracker.end_training()
+    return state
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already holds a finished run."""
+
+
+def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None) -> float:
+    """Build the parts, meta-train, test the best-on-validation model, write the results.
+
+    Returns:
+        The best mean validation accuracy (after the last adaptation step): the objective
+        that Hydra's sweepers optimise.
+    """
+    from metarun.build import build  # build imports the trackers, the loop does not need them otherwise
+
+    output_dir = Path(output_dir)
+    if (output_dir / "results.json").exists():
+        raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")
+    resume_from = checkpoint.resolve(cfg.resume) if cfg.resume else None
+    started = time.perf_counter()
+    parts = build(cfg, output_dir, wandb_defaults)
+    log.info("device %s, %d meta-parameters", parts.device, sum(p.numel() for p in parts.algorithm.parameters()))
+    state = meta_train(
+        parts.algorithm, parts.optimizer, parts.train_sampler, parts.val_tasks, parts.tracker, output_dir,
+        iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, eval_every=cfg.eval_every,
+        checkpoint_every=cfg.checkpoint_every, grad_clip=cfg.grad_clip, bn_batch_stats=cfg.eval.bn_batch_stats,
+        ci_z=cfg.eval.ci_z, resume_from=resume_from,
+    )
+    train_seconds = time.perf_counter() - started
+
+    checkpoint.load_model(output_dir / "checkpoints" / "best.pt", parts.algorithm)
+    curves = {
+        split: evaluate(parts.algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).summary()
+        for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
+    }
+    parts.tracker.log_adaptation(curves)
+    test = curves["test"]
+    results: dict[str, Any] = {
+        "best_iteration": state.best_iteration,
+        "best_val_acc": state.best_val_acc,
+        "eval_tasks": len(parts.test_tasks),
+        "eval_inner_steps": parts.algorithm.eval_inner_steps,
+        "train_seconds": train_seconds,
+        "device": str(parts.device),
+        "output_dir": str(output_dir),
+        "curves": curves,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    for metric in ("acc", "loss"):
+        if f"{metric}_mean" in test:
+            results[f"test/{metric}_mean"] = test[f"{metric}_mean"][-1]
+            results[f"test/{metric}_ci95"] = test[f"{metric}_ci95"][-1]
+    parts.tracker.finish(results)
+    return state.best_val_acc

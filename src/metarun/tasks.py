@@ -1,0 +1,164 @@
+"""Few-shot tasks: the Task/TaskSplit types and a sampler over learn2learn's TaskDataset.
+
+A :class:`TaskSampler` wraps one class split. learn2learn's ``MetaDataset``/``TaskDataset`` with
+``NWays``, ``KShots``, ``LoadData``, ``RemapLabels`` and ``ConsecutiveLabels`` chooses the
+classes and samples of every task. The dataset it sees holds *image indices* rather than
+images: ``LoadData`` then loads ``(index, label)`` pairs and the images are gathered in one
+``index_select`` from a tensor that lives on the training device, so no image is copied per
+sample and, with a GPU, the images never leave it.
+
+Support and query are split by label: of the ``shots + query_shots`` samples drawn for each
+class, the first ``shots`` go to the support set and the rest to the query set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from metarun._learn2learn import l2l
+from metarun.data.base import DatasetError, ImageClasses
+
+
+@dataclass
+class TaskSplit:
+    """One side of a task.
+
+    Attributes:
+        x: inputs ``[n, C, H, W]`` (float32 in [0, 1] for images).
+        y: labels ``[n]`` int64 in ``[0, ways)``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
+class Task:
+    """An N-way few-shot task: ``support`` has ``ways * shots`` samples, ``query`` ``ways * query_shots``."""
+
+    support: TaskSplit
+    query: TaskSplit
+
+
+@contextlib.contextmanager
+def python_random_seed(seed: int) -> Iterator[None]:
+    """Seed Python's global ``random`` (which learn2learn samples with) and restore it afterwards."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+class TaskSampler:
+    """Samples N-way K-shot tasks from one class split through learn2learn.
+
+    Args:
+        classes: the split's images and labels.
+        ways: classes per task.
+        shots: support samples per class.
+        query_shots: query samples per class.
+        device: where the images live and tasks are returned.
+        split_name: ``train``/``val``/``test``, for error messages.
+
+    Raises:
+        DatasetError: the split has fewer classes than ``ways``, or a class has fewer samples
+            than ``shots + query_shots``.
+    """
+
+    def __init__(
+        self,
+        classes: ImageClasses,
+        ways: int,
+        shots: int,
+        query_shots: int,
+        device: torch.device | str = "cpu",
+        split_name: str = "train",
+    ) -> None:
+        check_task_shape(classes, ways, shots, query_shots, split_name)
+        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        # uint8 -> float once, on the device: tasks then cost one index_select each.
+        self.images = classes.images.to(device=device, dtype=torch.float32).div_(255.0)
+        self.labels = classes.labels
+        indices = torch.arange(len(self.labels))
+        labels_to_indices = {c: [] for c in range(classes.num_classes)}
+        for i, c in enumerate(self.labels.tolist()):
+            labels_to_indices[c].append(i)
+        # learn2learn iterates the whole dataset to build this map unless it is given one.
+        meta = l2l.data.MetaDataset(torch.utils.data.TensorDataset(indices, self.labels),
+                                    labels_to_indices=labels_to_indices)
+        transforms = [
+            l2l.data.transforms.NWays(meta, ways),
+            l2l.data.transforms.KShots(meta, shots + query_shots),
+            l2l.data.transforms.LoadData(meta),
+            l2l.data.transforms.RemapLabels(meta),
+            l2l.data.transforms.ConsecutiveLabels(meta),
+        ]
+        self.taskset = l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=-1)
+
+    def sample_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One task as image indices ``[ways * (shots + query_shots)]`` and labels in ``[0, ways)``."""
+        index, label = self.taskset.sample()
+        return index, label
+
+    def materialise(self, index: torch.Tensor, label: torch.Tensor) -> Task:
+        """Gather the images of a task and split it by label into support and query."""
+        device = self.images.device
+        index, label = index.to(device), label.to(device)
+        support_mask = torch.zeros_like(label, dtype=torch.bool)
+        for c in range(self.ways):
+            members = (label == c).nonzero().flatten()
+            support_mask[members[: self.shots]] = True
+        x = self.images.index_select(0, index)
+        return Task(
+            support=TaskSplit(x[support_mask], label[support_mask]),
+            query=TaskSplit(x[~support_mask], label[~support_mask]),
+        )
+
+    def sample(self) -> Task:
+        """A fresh random task (learn2learn draws with Python's global ``random``)."""
+        return self.materialise(*self.sample_indices())
+
+    def fixed_tasks(self, count: int, seed: int) -> FixedTasks:
+        """``count`` tasks that depend only on ``seed`` (the global RNG is restored afterwards)."""
+        with python_random_seed(seed):
+            drawn = [self.sample_indices() for _ in range(count)]
+        return FixedTasks(self, drawn)
+
+
+class FixedTasks:
+    """A fixed, cached list of tasks (validation and test), stored as indices and re-gathered on use."""
+
+    def __init__(self, sampler: TaskSampler, drawn: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.sampler = sampler
+        self.drawn = drawn
+
+    def __len__(self) -> int:
+        return len(self.drawn)
+
+    def __iter__(self) -> Iterator[Task]:
+        for index, label in self.drawn:
+            yield self.sampler.materialise(index, label)
+
+
+def check_task_shape(classes: ImageClasses, ways: int, shots: int, query_shots: int, split_name: str) -> None:
+    """Raise one clear DatasetError when a split cannot provide the requested tasks."""
+    if ways < 1 or shots < 1 or query_shots < 1:
+        raise DatasetError(f"ways, shots and query_shots must be >= 1, got {ways}/{shots}/{query_shots}")
+    if ways > classes.num_classes:
+        raise DatasetError(
+            f"ways={ways} but the {split_name} split has only {classes.num_classes} classes; "
+            f"lower ways or choose a larger split"
+        )
+    fewest = int(classes.samples_per_class().min())
+    if shots + query_shots > fewest:
+        raise DatasetError(
+            f"shots + query_shots = {shots + query_shots} but some {split_name} classes have only "
+            f"{fewest} samples; lower shots or query_shots"
+        )

@@ -1,0 +1,282 @@
+"""Where metrics go: local files (always), Weights & Biases, and the console.
+
+Every tracker implements :class:`Tracker`; the loop talks to one :class:`Trackers` that fans
+out. Metric keys are the project's vocabulary: ``train/loss``, ``train/acc``, ``val/acc``,
+``test/acc_mean``, ``test/acc_ci95``, and per adaptation step ``adapt/step`` with
+``adapt/val_acc`` and ``adapt/test_acc`` (``*_loss`` for every split, too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Receives a run's metrics. Every method is optional; the base class ignores everything."""
+
+    def start_training(self, iterations: int, start_iteration: int) -> None: ...
+
+    def log(self, metrics: dict[str, float], iteration: int) -> None: ...
+
+    def end_training(self) -> None: ...
+
+    def log_adaptation(self, curves: dict[str, dict[str, list[float]]]) -> None:
+        """Per-step curves of the tested model: ``{"val": summary, "test": summary}`` where a
+        summary maps ``acc_mean``/``acc_ci95``/``loss_mean``/``loss_ci95`` to one value per step."""
+
+    def finish(self, results: dict[str, Any]) -> None: ...
+
+
+class Trackers(Tracker):
+    """Sends every call to each tracker in turn."""
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self.trackers = trackers
+
+    def start_training(self, iterations: int, start_iteration: int) -> None:
+        for t in self.trackers:
+            t.start_training(iterations, start_iteration)
+
+    def log(self, metrics: dict[str, float], iteration: int) -> None:
+        for t in self.trackers:
+            t.log(metrics, iteration)
+
+    def end_training(self) -> None:
+        for t in self.trackers:
+            t.end_training()
+
+    def log_adaptation(self, curves: dict[str, dict[str, list[float]]]) -> None:
+        for t in self.trackers:
+            t.log_adaptation(curves)
+
+    def finish(self, results: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.finish(results)
+
+
+def adaptation_rows(curves: dict[str, dict[str, list[float]]]) -> list[dict[str, float]]:
+    """One record per adaptation step: ``{"adapt/step": k, "adapt/val_acc": ..., "adapt/val_acc_ci95": ...}``."""
+    steps = max(len(summary["loss_mean"]) for summary in curves.values())
+    rows = []
+    for k in range(steps):
+        row: dict[str, float] = {"adapt/step": k}
+        for split, summary in curves.items():
+            for metric in ("acc", "loss"):
+                if f"{metric}_mean" in summary and k < len(summary[f"{metric}_mean"]):
+                    row[f"adapt/{split}_{metric}"] = summary[f"{metric}_mean"][k]
+                    row[f"adapt/{split}_{metric}_ci95"] = summary[f"{metric}_ci95"][k]
+        rows.append(row)
+    return rows
+
+
+class FileTracker(Tracker):
+    """Writes ``metrics.jsonl`` (one line per log call), ``results.json`` and ``adaptation.png``.
+
+    Args:
+        output_dir: the run's directory.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log(self, metrics: dict[str, float], iteration: int) -> None:
+        self._append({"iteration": iteration, **metrics})
+
+    def log_adaptation(self, curves: dict[str, dict[str, list[float]]]) -> None:
+        for row in adaptation_rows(curves):
+            self._append(row)
+        plot_adaptation(curves, self.output_dir / "adaptation.png")
+
+    def finish(self, results: dict[str, Any]) -> None:
+        tmp = self.output_dir / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        os.replace(tmp, self.output_dir / "results.json")
+
+
+def plot_adaptation(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Query accuracy (or loss, for regression) against adaptation step, with CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "acc" if all("acc_mean" in s for s in curves.values()) else "loss"
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for split, summary in curves.items():
+        mean, ci = summary[f"{metric}_mean"], summary[f"{metric}_ci95"]
+        ax.errorbar(range(len(mean)), mean, yerr=ci, marker="o", capsize=3, label=split)
+    ax.set_xlabel("adaptation step")
+    ax.set_ylabel("query accuracy" if metric == "acc" else "query loss")
+    ax.set_xticks(range(max(len(s[f"{metric}_mean"]) for s in curves.values())))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def wandb_has_api_key() -> bool:
+    """True when W&B credentials are configured (``WANDB_API_KEY`` or a ``wandb login`` netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class WandbTracker(Tracker):
+    """One W&B run per job, with the resolved config. A W&B failure is logged and never stops training.
+
+    Args:
+        mode: ``auto`` (online with an API key, offline without), ``online``, ``offline`` or ``disabled``.
+        project, entity, group, job_type, name, tags: as in ``wandb.init``; unset group/job_type/name
+            take the defaults the CLI derives from the sweep.
+        run_config: the resolved run config.
+        dir: where W&B writes its files (the run's output directory).
+        defaults: ``{"group": ..., "job_type": ..., "name": ...}`` used where the options are unset.
+    """
+
+    MODES = ("auto", "online", "offline", "disabled")
+
+    def __init__(self, mode: str = "auto", project: str = "metarun", entity: str | None = None,
+                 group: str | None = None, job_type: str | None = None, name: str | None = None,
+                 tags: list[str] | None = None, run_config: dict[str, Any] | None = None,
+                 dir: str | None = None, defaults: dict[str, str | None] | None = None) -> None:
+        from metarun.algorithms.base import ConfigError
+
+        if mode not in self.MODES:
+            raise ConfigError(f"wandb.mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        if mode == "auto":
+            mode = "online" if wandb_has_api_key() else "offline"
+        self.mode = mode
+        self.run = None
+        if mode == "disabled":
+            return
+        defaults = defaults or {}
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                mode=mode, project=project, entity=entity, config=run_config, dir=dir, tags=list(tags or []),
+                group=group or defaults.get("group"), job_type=job_type or defaults.get("job_type"),
+                name=name or defaults.get("name"), reinit="finish_previous",
+            )
+            self.run.define_metric("iteration")
+            for prefix in ("train", "val", "test"):
+                self.run.define_metric(f"{prefix}/*", step_metric="iteration")
+            self.run.define_metric("adapt/step")
+            self.run.define_metric("adapt/*", step_metric="adapt/step")
+            log.info("W&B run %s (%s mode)", self.run.name, mode)
+        except Exception as error:  # noqa: BLE001 - W&B must never stop training
+            self._fail(error)
+
+    def _fail(self, error: Exception) -> None:
+        log.warning("W&B disabled after an error: %s", str(error).splitlines()[0] if str(error) else error)
+        self.run = None
+
+    def log(self, metrics: dict[str, float], iteration: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({**metrics, "iteration": iteration})
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+
+    def log_adaptation(self, curves: dict[str, dict[str, list[float]]]) -> None:
+        if self.run is None:
+            return
+        try:
+            for row in adaptation_rows(curves):
+                self.run.log(row)
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+
+    def finish(self, results: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float)})
+            self.run.finish()
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+
+
+class ConsoleTracker(Tracker):
+    """A rich progress bar while training, and a table of query accuracy per adaptation step."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=False)
+        self.progress = None
+        self.latest: dict[str, float] = {}
+
+    def start_training(self, iterations: int, start_iteration: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = time.perf_counter()
+        self.start_iteration = start_iteration
+        self.progress = Progress(
+            TextColumn("meta-train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]}"), TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"), console=self.console, transient=False,
+        )
+        self.task = self.progress.add_task("train", total=iterations, completed=start_iteration,
+                                           speed="", stats="")
+        self.progress.start()
+
+    def log(self, metrics: dict[str, float], iteration: int) -> None:
+        self.latest.update(metrics)
+        if self.progress is None:
+            return
+        rate = (iteration - self.start_iteration) / max(time.perf_counter() - self.started, 1e-9)
+        stats = "  ".join(f"{k} {v:.3f}" for k, v in self.latest.items() if k in ("train/acc", "train/loss", "val/acc"))
+        self.progress.update(self.task, completed=iteration, speed=f"{rate:.2f} it/s", stats=stats)
+
+    def end_training(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def log_adaptation(self, curves: dict[str, dict[str, list[float]]]) -> None:
+        from rich.table import Table
+
+        metric = "acc" if all("acc_mean" in s for s in curves.values()) else "loss"
+        table = Table(title=f"query {'accuracy' if metric == 'acc' else 'loss'} per adaptation step (mean ± 95% CI)")
+        table.add_column("step", justify="right")
+        for split in curves:
+            table.add_column(split, justify="right")
+        scale = 100.0 if metric == "acc" else 1.0
+        for row in adaptation_rows(curves):
+            cells = [str(int(row["adapt/step"]))]
+            for split in curves:
+                mean = row.get(f"adapt/{split}_{metric}", math.nan) * scale
+                ci = row.get(f"adapt/{split}_{metric}_ci95", math.nan) * scale
+                cells.append(f"{mean:.2f} ± {ci:.2f}")
+            table.add_row(*cells)
+        self.console.print(table)
+
+    def finish(self, results: dict[str, Any]) -> None:
+        if "test/acc_mean" in results:
+            self.console.print(
+                f"test accuracy: {100 * results['test/acc_mean']:.2f} ± {100 * results['test/acc_ci95']:.2f}% "
+                f"({results['eval_tasks']} tasks, {results['eval_inner_steps']} steps, "
+                f"best val at iteration {results['best_iteration']})"
+            )
+        self.console.print(f"results: {results['output_dir']}/results.json")
