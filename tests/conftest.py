@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny composed config, seeds, one thread, and a per-session data cache."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import metarun.config  # noqa: F401  (registers the run_schema that conf/config.yaml starts from)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SHARED_DATA = REPO.parent / "shared" / "data"
+OMNIGLOT_TAR = SHARED_DATA / "omniglot" / "omniglot_standard.tar.gz"
+
+# A run that takes seconds: a small generated dataset, two iterations, no W&B, no console.
+TINY_GLYPHS = ["dataset.num_alphabets=4", "dataset.characters_per_alphabet=10", "dataset.split_sizes=[20,10,-1]"]
+TINY = [  # plus TINY_GLYPHS when the dataset is the default
+    "iterations=2",
+    "meta_batch_size=2",
+    "eval.tasks=4",
+    "eval.val_tasks=4",
+    "eval_every=1",
+    "checkpoint_every=1",
+    "wandb.mode=disabled",
+    "console=false",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated and decoded datasets are cached once per test session, never in the user's cache."""
+    cache = tmp_path_factory.mktemp("metarun-cache")
+    os.environ["METARUN_CACHE"] = str(cache)
+    os.environ["WANDB_MODE"] = "disabled"
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def deterministic() -> None:
+    torch.set_num_threads(1)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def compose_cfg():
+    """``compose_cfg(*overrides)``: conf/config.yaml with the TINY overrides (and a tiny glyphs
+    dataset unless another dataset is chosen), then ``overrides``."""
+
+    def _compose(*overrides: str):
+        other_data = any(o.startswith(("dataset=", "experiment=")) for o in overrides)
+        tiny = TINY if other_data else [*TINY_GLYPHS, *TINY]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=[*tiny, *overrides])
+
+    return _compose
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m metarun ARGS`` in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "metarun", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def omniglot_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """../shared's Omniglot tarball, extracted once per session; skips when it is absent."""
+    if not OMNIGLOT_TAR.is_file():
+        pytest.skip(f"real Omniglot not found at {OMNIGLOT_TAR}")
+    import tarfile
+
+    root = tmp_path_factory.mktemp("omniglot")
+    with tarfile.open(OMNIGLOT_TAR) as tar:
+        tar.extractall(root, filter="data")
+    return root

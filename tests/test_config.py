@@ -1,0 +1,139 @@
+"""Every option of every config group composes, validates and instantiates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF
+from metarun import config
+from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.build import build_algorithm, build_data, resolve_device
+from metarun.cli import user_error
+from metarun.data.base import ClassSplits
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", options("algorithm"))
+def test_algorithm_options_instantiate(compose_cfg, name):
+    cfg = compose_cfg(f"algorithm={name}")
+    algorithm, optimizer = build_algorithm(cfg, torch.device("cpu"))
+    assert isinstance(algorithm, Algorithm)
+    assert algorithm.inner_steps == cfg.algorithm.inner_steps
+    assert algorithm.eval_inner_steps == cfg.algorithm.eval_inner_steps
+
+
+@pytest.mark.parametrize("name", options("backbone"))
+def test_backbone_options_instantiate(compose_cfg, name):
+    cfg = compose_cfg(f"backbone={name}")
+    features = instantiate(cfg.backbone)
+    size = cfg.backbone.get("image_size", 28)
+    channels = cfg.backbone.get("in_channels", 1)
+    out = features(torch.rand(3, channels, size, size))
+    assert out.shape == (3, features.out_features)
+
+
+def test_paper_backbone_sizes(compose_cfg):
+    conv4 = instantiate(compose_cfg("backbone=conv4").backbone)
+    conv4_84 = instantiate(compose_cfg("backbone=conv4_84").backbone)
+    assert conv4.out_features == 64  # stride-2 convs, spatial mean (MAML's Omniglot code)
+    assert conv4_84.out_features == 32 * 5 * 5  # 84 -> 42 -> 21 -> 10 -> 5, flattened (MAML's mini-ImageNet code)
+    assert instantiate(compose_cfg("backbone=conv4", "backbone.pool=max").backbone).out_features == 64
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_optimizer_options_instantiate(compose_cfg, name):
+    cfg = compose_cfg(f"optimizer={name}")
+    _, optimizer = build_algorithm(cfg, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_options_compose(compose_cfg, name):
+    cfg = compose_cfg(f"dataset={name}")
+    assert cfg.dataset._target_.startswith("metarun.data.")
+
+
+def test_glyphs_dataset_instantiates_into_task_samplers(compose_cfg):
+    cfg = compose_cfg()
+    splits = instantiate(cfg.dataset, _convert_="all")
+    assert isinstance(splits, ClassSplits)
+    train, val, test = build_data(cfg, torch.device("cpu"))
+    assert len(val) == cfg.eval.val_tasks and len(test) == cfg.eval.tasks
+    assert train.sample().support.x.shape == (5, 1, 28, 28)
+
+
+def preset(name: str):
+    """An experiment preset as a user gets it: no test overrides."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"experiment={name}"])
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_presets_compose(name):
+    cfg = preset(name)
+    OmegaConf.resolve(cfg)
+    config.validate(cfg)
+    assert cfg.iterations >= 1000  # presets are paper protocols, not the tiny test run
+    build_algorithm(cfg, torch.device("cpu"))
+
+
+def test_maml_omniglot_preset_is_the_paper_protocol():
+    cfg = preset("maml_omniglot_5w1s")
+    assert (cfg.ways, cfg.shots, cfg.meta_batch_size, cfg.iterations) == (5, 1, 32, 60000)
+    assert (cfg.algorithm.inner_lr, cfg.algorithm.inner_steps, cfg.algorithm.eval_inner_steps) == (0.4, 1, 3)
+    assert cfg.optimizer.lr == 0.001 and cfg.eval.tasks == 600
+    assert cfg.dataset.split_sizes == [1100, 100, 423] and cfg.dataset.rotations
+
+
+def test_fomaml_is_maml_first_order(compose_cfg):
+    cfg = compose_cfg("algorithm=fomaml")
+    assert cfg.algorithm._target_ == compose_cfg().algorithm._target_
+    assert cfg.algorithm.first_order is True
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types(compose_cfg):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("iterationz=3")
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
+        compose_cfg("iterations=many")
+
+
+def test_unknown_group_option_lists_valid_ones(compose_cfg):
+    with pytest.raises(ConfigCompositionException, match=r"(?s)Available options.*maml.*metasgd"):
+        compose_cfg("algorithm=nope")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr must be >= 0"),
+        ("meta_batch_size=0", "meta_batch_size must be >= 1"),
+        ("eval.tasks=0", "eval.tasks must be >= 1"),
+        ("device=tpu", "device must be"),
+    ],
+)
+def test_validate_rejects_bad_values(compose_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.validate(compose_cfg(override))
+
+
+def test_negative_inner_lr_is_rejected(compose_cfg):
+    with pytest.raises(Exception) as raised:  # Hydra wraps errors raised by a _target_
+        build_algorithm(compose_cfg("algorithm.inner_lr=-1"), torch.device("cpu"))
+    cause = user_error(raised.value)
+    assert isinstance(cause, ConfigError) and "inner_lr must be >= 0" in str(cause)
+
+
+def test_device_auto_picks_cuda_only_when_available():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected

@@ -1,0 +1,100 @@
+"""The meta-training loop: evaluation statistics, BatchNorm mode, resume, non-finite losses, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metarun import checkpoint
+from metarun.loop import Evaluation, NonFiniteLossError, OutputExistsError, batchnorm_mode, run
+
+
+def test_ci_is_z_times_std_over_sqrt_n():
+    acc = torch.tensor([[0.2, 0.4], [0.6, 0.8], [1.0, 0.6], [0.2, 1.0]])
+    summary = Evaluation(loss=torch.zeros(4, 2), accuracy=acc, ci_z=1.96).summary()
+    expected = 1.96 * np.std(acc.numpy(), axis=0, ddof=1) / math.sqrt(4)
+    np.testing.assert_allclose(summary["acc_ci95"], expected, rtol=1e-6)
+    np.testing.assert_allclose(summary["acc_mean"], [0.5, 0.7], rtol=1e-6)
+
+
+def test_batchnorm_mode_uses_batch_statistics_and_restores_buffers():
+    bn = nn.BatchNorm1d(3)
+    bn.running_mean.fill_(5.0)
+    bn.eval()
+    x = torch.randn(8, 3) * 2 + 1
+    with batchnorm_mode(bn, batch_stats=True):
+        out = bn(x)
+        assert bn.training
+    # Batch statistics: each feature of the output is standardised over the batch.
+    np.testing.assert_allclose(out.mean(0).detach().numpy(), 0, atol=1e-5)
+    assert not bn.training and torch.all(bn.running_mean == 5.0)
+    with batchnorm_mode(bn, batch_stats=False):
+        out = bn(x)
+    np.testing.assert_allclose(out.detach().numpy(), ((x - 5.0) / torch.sqrt(torch.ones(3) + bn.eps)).numpy(), atol=1e-5)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_writes_results_metrics_plot_and_checkpoints(compose_cfg, tmp_path):
+    objective = run(compose_cfg("iterations=3", "algorithm.eval_inner_steps=2"), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["best_val_acc"] == pytest.approx(objective)
+    assert 0.0 <= results["test/acc_mean"] <= 1.0 and results["test/acc_ci95"] > 0
+    assert len(results["curves"]["test"]["acc_mean"]) == 3  # steps 0, 1, 2
+    assert results["test/acc_mean"] == results["curves"]["test"]["acc_mean"][-1]
+    assert results["config"]["iterations"] == 3
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in records if "train/loss" in r] == [1, 2, 3]
+    assert len([r for r in records if "val/acc" in r]) == 3
+    assert [r["adapt/step"] for r in records if "adapt/step" in r] == [0, 1, 2]
+    assert {"adapt/val_acc", "adapt/test_acc", "adapt/test_acc_ci95"} <= set(records[-1])
+    assert (tmp_path / "adaptation.png").stat().st_size > 1000
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+
+
+def test_run_refuses_to_overwrite_a_finished_run(compose_cfg, tmp_path):
+    (tmp_path / "results.json").write_text('{"mine": 1}')
+    with pytest.raises(OutputExistsError, match="already holds a finished run"):
+        run(compose_cfg(), tmp_path)
+    assert (tmp_path / "results.json").read_text() == '{"mine": 1}'
+
+
+def test_resume_continues_at_the_same_iteration_with_the_same_rng(compose_cfg, tmp_path):
+    straight, first_half, second_half = tmp_path / "straight", tmp_path / "a", tmp_path / "b"
+    run(compose_cfg("iterations=4"), straight)
+    run(compose_cfg("iterations=2"), first_half)
+    run(compose_cfg("iterations=4", f"resume={first_half}"), second_half)
+    expected = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
+    resumed = torch.load(second_half / "checkpoints" / "last.pt", weights_only=False)
+    assert resumed["state"]["iteration"] == 4
+    for key, value in expected["algorithm"].items():
+        assert torch.equal(value, resumed["algorithm"][key]), key
+    losses = [r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl") if "train/loss" in r]
+    resumed_losses = [r["train/loss"] for r in read_jsonl(second_half / "metrics.jsonl") if "train/loss" in r]
+    assert resumed_losses == losses[2:]
+
+
+def test_resume_from_a_missing_checkpoint_is_one_clear_error(compose_cfg, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint to resume"):
+        run(compose_cfg(f"resume={tmp_path / 'nowhere'}"), tmp_path / "out")
+
+
+def test_non_finite_loss_stops_with_a_clear_error(compose_cfg, tmp_path):
+    # An absurd inner learning rate makes the adapted weights, and so the query loss, overflow.
+    with pytest.raises(NonFiniteLossError, match=r"meta-training loss is (nan|inf) at iteration 1; lower"):
+        run(compose_cfg("algorithm.inner_lr=1e38"), tmp_path)
+
+
+def test_atomic_save_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "ck.pt"
+    checkpoint.atomic_save({"a": 1}, target)
+    checkpoint.atomic_save({"a": 2}, target)
+    assert torch.load(target)["a"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]

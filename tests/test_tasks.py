@@ -1,0 +1,79 @@
+"""Task sampling through learn2learn: shapes, labels, support/query split, fixed evaluation tasks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from metarun.data.base import DatasetError, ImageClasses
+from metarun.tasks import TaskSampler
+
+
+def toy_classes(num_classes: int = 12, per_class: int = 6) -> ImageClasses:
+    """Image i is filled with the value i, so a task's images reveal which samples were drawn."""
+    n = num_classes * per_class
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 4, 4).clone()
+    return ImageClasses(
+        images=images.to(torch.uint8),
+        labels=torch.arange(num_classes).repeat_interleave(per_class),
+        class_names=[f"c{i}" for i in range(num_classes)],
+        groups=["g"] * num_classes,
+    )
+
+
+def sample_ids(split) -> list[int]:
+    return [round(v * 255) for v in split.x[:, 0, 0, 0].tolist()]
+
+
+def test_task_shapes_labels_and_disjoint_support_query():
+    classes = toy_classes()
+    sampler = TaskSampler(classes, ways=5, shots=2, query_shots=3)
+    for _ in range(20):
+        task = sampler.sample()
+        assert task.support.x.shape == (10, 1, 4, 4) and task.query.x.shape == (15, 1, 4, 4)
+        assert task.support.x.dtype == torch.float32 and float(task.support.x.max()) <= 1.0
+        for split, per_class in ((task.support, 2), (task.query, 3)):
+            assert split.y.min() >= 0 and split.y.max() < 5
+            assert torch.bincount(split.y, minlength=5).tolist() == [per_class] * 5
+        support_ids, query_ids = sample_ids(task.support), sample_ids(task.query)
+        assert not set(support_ids) & set(query_ids)
+        # Split by label, never by position: a task label names one original class on both sides.
+        original = {}
+        for ids, split in ((support_ids, task.support), (query_ids, task.query)):
+            for sample, label in zip(ids, split.y.tolist(), strict=True):
+                original.setdefault(label, set()).add(int(classes.labels[sample]))
+        assert all(len(c) == 1 for c in original.values())
+        assert len(set().union(*original.values())) == 5
+
+
+def test_training_tasks_are_fresh():
+    sampler = TaskSampler(toy_classes(), ways=5, shots=1, query_shots=1)
+    drawn = {tuple(sample_ids(sampler.sample().support)) for _ in range(10)}
+    assert len(drawn) > 5
+
+
+def test_fixed_tasks_depend_only_on_seed_and_restore_global_rng():
+    sampler = TaskSampler(toy_classes(), ways=5, shots=1, query_shots=2)
+    random.seed(123)
+    before = random.getstate()
+    first = [sample_ids(t.query) for t in sampler.fixed_tasks(8, seed=7)]
+    assert random.getstate() == before
+    random.seed(999)
+    again = [sample_ids(t.query) for t in sampler.fixed_tasks(8, seed=7)]
+    other = [sample_ids(t.query) for t in sampler.fixed_tasks(8, seed=8)]
+    assert first == again
+    assert first != other
+    tasks = sampler.fixed_tasks(3, seed=1)
+    assert [sample_ids(t.support) for t in tasks] == [sample_ids(t.support) for t in tasks]  # re-iterable
+
+
+def test_ways_larger_than_classes_is_one_clear_error():
+    with pytest.raises(DatasetError, match=r"ways=20 but the val split has only 12 classes"):
+        TaskSampler(toy_classes(), ways=20, shots=1, query_shots=1, split_name="val")
+
+
+def test_shots_plus_query_larger_than_samples_is_one_clear_error():
+    with pytest.raises(DatasetError, match=r"shots \+ query_shots = 7 .* only 6 samples"):
+        TaskSampler(toy_classes(), ways=5, shots=2, query_shots=5)
