@@ -21,6 +21,7 @@ user's data except the zips that ``download=True`` fetches.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -113,7 +114,8 @@ def load_omniglot(
             official zips, directly or in an ``omniglot-py/`` subfolder. ``~`` is expanded.
         download: fetch the missing official zips into ``root`` (checked against their MD5).
         image_size: side ``S`` of the square images after resizing.
-        rotations: add rotated copies (0/90/180/270 degrees) as new classes (``maml`` split).
+        rotations: ``maml`` split: add rotated copies (0/90/180/270 degrees) as new classes.
+            ``vinyals`` split: the lists decide; ``False`` with lists naming rotations is an error.
         split: ``"maml"`` or ``"vinyals"``.
         split_seed: seed of the ``maml`` shuffle; independent of the run seed.
         split_sizes: train/val/test class counts of the ``maml`` split, before rotations; ``-1``
@@ -297,7 +299,7 @@ def _download_part(name: str, dest_dir: Path) -> Path:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
-    except OSError as err:  # URLError, HTTPError and timeouts are all OSErrors
+    except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts; IncompleteRead
         partial.unlink(missing_ok=True)
         raise DatasetError(
             f"could not download {name}.zip from {url} into {dest_dir} ({_one_line(err)}); download it by "
@@ -458,11 +460,13 @@ def _cache_key(base: Path, parts: Sequence[_Part], image_size: int) -> str:
         if part.is_zip:
             files.append((part.path.name, part.path.stat().st_size))
             continue
-        for dirpath, _, filenames in os.walk(part.path):
-            for file_name in filenames:
-                if file_name.endswith(".png"):
-                    path = Path(dirpath) / file_name
-                    files.append((path.relative_to(base).as_posix(), path.stat().st_size))
+        # os.scandir hands out the sizes with the listing: much faster than stat() per Path.
+        for dirpath, _, _ in os.walk(part.path):
+            relative_dir = Path(dirpath).relative_to(base).as_posix()
+            with os.scandir(dirpath) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".png") and entry.is_file():
+                        files.append((f"{relative_dir}/{entry.name}", entry.stat().st_size))
     description = {
         "format": CACHE_FORMAT_VERSION,
         "source": str(base),
@@ -515,6 +519,7 @@ def _save_cache(path: Path, classes: ImageClasses) -> None:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache can be shared like any other file
         os.replace(tmp_name, path)
         logger.info("cached decoded Omniglot images in %s", path)
     except OSError as err:
@@ -531,10 +536,13 @@ def _save_cache(path: Path, classes: ImageClasses) -> None:
 
 
 def _check_split_sizes(split_sizes: Sequence[int]) -> tuple[int, int, int]:
-    sizes = tuple(int(s) for s in split_sizes)
+    try:
+        sizes = tuple(int(s) for s in split_sizes)
+    except (TypeError, ValueError):
+        sizes = ()  # reported below
     if len(sizes) != 3:
         raise DatasetError(
-            f"dataset.split_sizes must be three numbers (train, val, test classes), got {list(split_sizes)}"
+            f"dataset.split_sizes must be three numbers (train, val, test classes), got {split_sizes!r}"
         )
     return sizes  # type: ignore[return-value]
 

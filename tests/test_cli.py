@@ -1,0 +1,111 @@
+"""The ``metarun`` command end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, TINY_GLYPHS, run_cli
+
+
+def tiny(*extra: str) -> list[str]:
+    """The tiny test run; on the small generated dataset unless ``extra`` picks another."""
+    other_data = any(o.startswith("dataset=") for o in extra)
+    return [*TINY, *extra] if other_data else [*TINY_GLYPHS, *TINY, *extra]
+
+
+def test_single_run_prints_per_step_table_and_writes_outputs(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*tiny("console=true", f"hydra.run.dir={out}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "query accuracy per adaptation step" in proc.stdout
+    assert "test accuracy:" in proc.stdout and "±" in proc.stdout
+    assert "Gym has been unmaintained" not in proc.stderr  # learn2learn's gym banner stays out
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["test/acc_mean"] <= 1.0
+    assert (out / "metrics.jsonl").is_file() and (out / "adaptation.png").is_file()
+
+
+def test_multirun_sweeps_four_jobs_each_with_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m", *tiny("algorithm.inner_steps=1,2", "algorithm.first_order=true,false", f"hydra.sweep.dir={sweep}"),
+        cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").is_file())
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        config = json.loads((job / "results.json").read_text())["config"]
+        seen.add((config["algorithm"]["inner_steps"], config["algorithm"]["first_order"]))
+    assert seen == {(1, True), (1, False), (2, True), (2, False)}
+    assert all("first_order" in job.name for job in jobs)  # job directories are named by their overrides
+
+
+def test_wandb_offline_run_is_written_next_to_the_results(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*tiny(f"hydra.run.dir={out}"), "wandb.mode=offline", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for group in ("dataset", "algorithm", "backbone", "optimizer", "experiment"):
+        assert f"{group}:" in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    proc = run_cli("--cfg", "job", "algorithm=fomaml", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "first_order: true" in proc.stdout and "_target_: metarun.algorithms.maml.MAML" in proc.stdout
+
+
+def test_unknown_option_lists_the_valid_ones(tmp_path):
+    proc = run_cli("algorithm=nope", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'algorithm/nope'" in proc.stderr and "maml" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ways=50"], "metarun: error: ways=50 but the train split has only 20 classes"),
+        (["shots=15", "query_shots=10"], "metarun: error: shots + query_shots = 25"),
+        (["optimizer.lr=-1"], "metarun: error: optimizer.lr must be >= 0"),
+        (["algorithm.inner_lr=-1"], "metarun: error: algorithm.inner_lr must be >= 0"),
+        (["dataset=omniglot", "dataset.root=/nonexistent/omniglot"], "/nonexistent/omniglot"),
+        (["resume=/nonexistent/run"], "metarun: error: no checkpoint to resume"),
+    ],
+)
+def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    proc = run_cli(*tiny(f"hydra.run.dir={out}", *overrides), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("metarun: error:")]) == 1
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_existing_results_are_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    proc = run_cli(*tiny(f"hydra.run.dir={out}"), cwd=tmp_path)
+    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_resume_through_the_cli(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli(*tiny(f"hydra.run.dir={first}"), cwd=tmp_path).returncode == 0
+    proc = run_cli(*tiny(f"hydra.run.dir={second}", "iterations=3", f"resume={first}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    iterations = [json.loads(line)["iteration"] for line in (second / "metrics.jsonl").read_text().splitlines()
+                  if "train/loss" in line]
+    assert iterations == [3]
