@@ -109,3 +109,13 @@ def test_resume_through_the_cli(tmp_path):
     iterations = [json.loads(line)["iteration"] for line in (second / "metrics.jsonl").read_text().splitlines()
                   if "train/loss" in line]
     assert iterations == [3]
+
+
+@pytest.mark.data
+def test_maml_on_real_omniglot_end_to_end(tmp_path, omniglot_root):
+    out = tmp_path / "run"
+    proc = run_cli(*tiny("dataset=omniglot", f"dataset.root={omniglot_root}", f"hydra.run.dir={out}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["dataset"]["split_sizes"] == [1100, 100, 423]
+    assert 0.0 <= results["test/acc_mean"] <= 1.0

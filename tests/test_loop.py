@@ -98,3 +98,16 @@ def test_atomic_save_replaces_the_file_and_leaves_no_temporary(tmp_path):
     checkpoint.atomic_save({"a": 2}, target)
     assert torch.load(target)["a"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+@pytest.mark.gpu
+def test_run_on_gpu_keeps_images_on_the_device(compose_cfg, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from metarun.build import build
+
+    cfg = compose_cfg("device=auto")
+    parts = build(cfg, tmp_path / "parts")
+    assert parts.train_sampler.images.is_cuda and next(parts.algorithm.parameters()).is_cuda
+    run(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["device"].startswith("cuda")
