@@ -6,7 +6,7 @@ Range checks that a type cannot express are in :func:`validate`.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -38,7 +38,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N ; auto picks cuda when available
     iterations: int = 1000  # meta-training iterations (one meta-batch each)
     meta_batch_size: int = 32  # tasks per meta-update
-    grad_clip: Optional[float] = None  # clip the meta-gradient's global norm
+    grad_clip: float | None = None  # clip the meta-gradient's global norm
     ways: int = 5  # classes per evaluation task
     shots: int = 1  # support samples per class
     query_shots: int = 1  # query samples per class at evaluation
@@ -47,8 +47,8 @@ class RunConfig:
     eval_every: int = 100  # validate every N iterations (and after the last)
     checkpoint_every: int = 100  # write checkpoints/last.pt every N iterations
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: Optional[str] = None  # None: Hydra's output directory of the job
-    resume: Optional[str] = None  # a checkpoint file or a run directory holding checkpoints/last.pt
+    output_dir: str | None = None  # None: Hydra's output directory of the job
+    resume: str | None = None  # a checkpoint file or a run directory holding checkpoints/last.pt
     console: bool = True  # rich progress bar and tables
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from metarun import checkpoint
 from metarun.algorithms.base import Algorithm

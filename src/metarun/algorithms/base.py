@@ -80,9 +80,7 @@ class Algorithm(nn.Module, ABC):
 
     def adapt(self, support: TaskSplit, steps: int) -> nn.Module:
         """The learner after ``steps`` adaptation steps."""
-        learner = None
-        for learner in self.trajectory(support, steps):
-            pass
+        *_, learner = self.trajectory(support, steps)
         return learner
 
     def run_task(self, task: Task, steps: int, every_step: bool) -> list[TaskResult]:
