@@ -484,7 +484,7 @@ def test_vinyals_split_errors(fake_folders: Path, tmp_path: Path, cache: str) ->
 
 @pytest.mark.parametrize("sizes", [(4, 2), 5, ("four", 2, 2)])
 def test_maml_split_sizes_must_be_three_numbers(sizes: object, fake_folders: Path, cache: str) -> None:
-    with pytest.raises(DatasetError, match="three numbers"):
+    with pytest.raises(DatasetError, match="three ints"):
         load_omniglot(str(fake_folders), split_sizes=sizes, cache_dir=cache)
 
 

@@ -8,10 +8,21 @@ sampled later, from one split at a time (``metarun.tasks``).
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from metarun.checkpoint import atomic_save
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout of cached ImageClasses files changes.
+CACHE_FORMAT = 1
 
 
 class DatasetError(RuntimeError):
@@ -153,3 +164,61 @@ def split_by_names(classes: ImageClasses, names: dict[str, list[str]]) -> ClassS
         seen.update(wanted)
         parts.append(classes.subset([index[n] for n in wanted]))
     return ClassSplits(*parts)
+
+
+def check_split_sizes(split_sizes: object) -> tuple[int, int, int]:
+    """``dataset.split_sizes`` as three ints ``(train, val, test)``, test ``-1`` meaning "the rest".
+
+    Hydra hands over a ListConfig; anything that iterates into three ints will do.
+    """
+    try:
+        sizes = tuple(split_sizes)  # type: ignore[call-overload]
+    except TypeError:
+        sizes = ()
+    if len(sizes) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise DatasetError(
+            f"dataset.split_sizes must be three ints [train, val, test] (test -1 = the rest), got {split_sizes!r}"
+        )
+    return sizes  # type: ignore[return-value]
+
+
+def cache_dir(path: str | None) -> Path:
+    """Where decoded or generated datasets are cached: ``path``, else ``$METARUN_CACHE``, else ``~/.cache/metarun``."""
+    return Path(path or os.environ.get("METARUN_CACHE") or "~/.cache/metarun").expanduser()
+
+
+def cached_classes(path: Path, build: Callable[[], ImageClasses], what: str) -> ImageClasses:
+    """The :class:`ImageClasses` cached at ``path``, or ``build()`` saved there for next time.
+
+    The caller names ``path`` by a hash of everything that determines the content, so a stale
+    file is never read. A file that does not load is rebuilt with a warning; a cache that
+    cannot be written costs time on the next run, so it is a warning too, never an error.
+    Writes are atomic (:func:`metarun.checkpoint.atomic_save`).
+    """
+    if path.is_file():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("format") != CACHE_FORMAT:
+                raise ValueError(f"cache format {payload.get('format')}, expected {CACHE_FORMAT}")
+            classes = ImageClasses(payload["images"], payload["labels"], list(payload["class_names"]),
+                                   list(payload["groups"]))
+            if classes.images.dtype != torch.uint8:
+                raise ValueError(f"images are {classes.images.dtype}, expected uint8")
+            return classes
+        except Exception as error:  # noqa: BLE001 - any unreadable cache (truncated, old, foreign) is rebuilt
+            log.warning("unreadable %s cache %s (%s); regenerating it", what, path, one_line(error))
+    classes = build()
+    payload = {"format": CACHE_FORMAT, "images": classes.images, "labels": classes.labels,
+               "class_names": classes.class_names, "groups": classes.groups}
+    try:
+        atomic_save(payload, path)
+        log.info("cached %s images in %s", what, path)
+    except OSError as error:
+        log.warning("could not write the %s cache %s (%s); continuing without it", what, path, one_line(error))
+    return classes
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type), for one-line user messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

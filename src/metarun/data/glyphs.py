@@ -34,15 +34,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from metarun.data.base import ClassSplits, DatasetError, ImageClasses, split_by_seed, with_rotations
+from metarun.data.base import (
+    ClassSplits,
+    DatasetError,
+    ImageClasses,
+    cached_classes,
+    check_split_sizes,
+    split_by_seed,
+    with_rotations,
+)
+from metarun.data.base import cache_dir as base_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +182,7 @@ def load_glyphs(
         DatasetError: an argument is out of range, or the split does not fit the classes.
     """
     _check_generation_args(num_alphabets, characters_per_alphabet, samples_per_class, image_size, seed)
-    split_sizes = _check_split_sizes(split_sizes)
+    split_sizes = check_split_sizes(split_sizes)
     if not isinstance(split_seed, int) or isinstance(split_seed, bool):
         raise DatasetError(f"dataset.split_seed must be an int, got {split_seed!r}")
     params = {
@@ -184,7 +192,7 @@ def load_glyphs(
         "image_size": image_size,
         "seed": seed,
     }
-    classes = _load_or_generate(_resolve_cache_dir(cache_dir), params)
+    classes = cached_classes(_cache_path(cache_dir, params), lambda: generate_glyphs(**params), "glyph")
     splits = split_by_seed(classes, split_sizes, split_seed)
     if rotations:
         splits = ClassSplits(*(with_rotations(part) for _, part in splits.items()))
@@ -212,94 +220,17 @@ def _check_generation_args(
         raise DatasetError(f"dataset.seed must be a non-negative int, got {seed!r}")
 
 
-def _check_split_sizes(split_sizes: tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
-    # Hydra hands over a ListConfig; anything that iterates into three ints will do.
-    try:
-        sizes = tuple(split_sizes)
-    except TypeError:
-        sizes = ()
-    if len(sizes) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-        raise DatasetError(
-            f"dataset.split_sizes must be three ints [train, val, test] (test -1 = the rest), got {split_sizes!r}"
-        )
-    if sizes[0] < 1 or sizes[1] < 0 or sizes[2] < -1:
-        raise DatasetError(
-            f"dataset.split_sizes {list(sizes)} is invalid: train needs at least 1 class, val 0 or more, "
-            "test 0 or more (or -1 for the rest)"
-        )
-    return sizes
-
-
 # --------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_cache_dir(cache_dir: str | None) -> str:
-    if cache_dir is None:
-        cache_dir = os.environ.get("METARUN_CACHE") or os.path.join("~", ".cache", "metarun")
-    return os.path.expanduser(str(cache_dir))
-
-
-def _cache_path(cache_dir: str, params: dict) -> str:
+def _cache_path(cache_dir: str | None, params: dict) -> Path:
     # The hash covers every generation parameter and the format version: change any of them and
     # the file name changes, so a stale file is never read.
     key = json.dumps({"format_version": FORMAT_VERSION, **params}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"glyphs-v{FORMAT_VERSION}-{digest}.pt")
-
-
-def _load_or_generate(cache_dir: str, params: dict) -> ImageClasses:
-    path = _cache_path(cache_dir, params)
-    if os.path.exists(path):
-        try:
-            return _read_cache(path, params)
-        except Exception as error:  # any failure to read means "regenerate", never a crash
-            log.warning("glyph cache %s does not load (%s); regenerating it", path, error)
-    classes = generate_glyphs(**params)
-    try:
-        _write_cache(path, classes, params)
-    except OSError as error:
-        # A read-only or full disk costs a regeneration next time, not this run.
-        log.warning("could not write the glyph cache %s (%s); continuing without it", path, error)
-    return classes
-
-
-def _read_cache(path: str, params: dict) -> ImageClasses:
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if data.get("format_version") != FORMAT_VERSION or data.get("params") != params:
-        raise ValueError("it was written for other generation parameters")
-    classes = ImageClasses(
-        images=data["images"], labels=data["labels"], class_names=data["class_names"], groups=data["groups"]
-    )
-    size = params["image_size"]
-    expected_n = params["num_alphabets"] * params["characters_per_alphabet"] * params["samples_per_class"]
-    if classes.images.dtype != torch.uint8 or tuple(classes.images.shape) != (expected_n, 1, size, size):
-        raise ValueError(f"unexpected images {classes.images.dtype} {tuple(classes.images.shape)}")
-    return classes
-
-
-def _write_cache(path: str, classes: ImageClasses, params: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "params": params,
-        "images": classes.images,
-        "labels": classes.labels,
-        "class_names": classes.class_names,
-        "groups": classes.groups,
-    }
-    # Write to a temporary file in the same folder, then rename: a reader (or a run started in
-    # parallel) sees either no file or a complete one, never half of one.
-    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".glyphs-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    return base_cache_dir(cache_dir) / f"glyphs-v{FORMAT_VERSION}-{digest}.pt"
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import urllib.request
 import zipfile
@@ -45,10 +44,14 @@ from metarun.data.base import (
     ClassSplits,
     DatasetError,
     ImageClasses,
+    cached_classes,
+    check_split_sizes,
+    one_line,
     split_by_names,
     split_by_seed,
     with_rotations,
 )
+from metarun.data.base import cache_dir as cache_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +138,7 @@ def load_omniglot(
     """
     # Check the cheap things (split arguments, split files) before decoding 32460 images.
     if split == "maml":
-        sizes = _check_split_sizes(split_sizes)
+        sizes = check_split_sizes(split_sizes)
         names, rotated = None, False
     elif split == "vinyals":
         names = _read_split_lists(split_dir)
@@ -210,22 +213,23 @@ def load_omniglot_classes(
 
     base, parts = _locate_parts(Path(root).expanduser().resolve(), download)
 
-    cache_path = _cache_dir(cache_dir) / f"omniglot_{image_size}px_{_cache_key(base, parts, image_size)}.pt"
-    cached = _load_cache(cache_path, image_size)
-    if cached is not None:
-        logger.info("loaded decoded Omniglot images from cache %s", cache_path)
-        return cached
+    cache_path = cache_dir_of(cache_dir) / f"omniglot_{image_size}px_{_cache_key(base, parts, image_size)}.pt"
 
-    start = time.perf_counter()
-    classes = _decode_all(parts, image_size)
-    logger.info(
-        "decoded %d Omniglot images of %d characters from %s in %.1f s",
-        classes.images.shape[0],
-        classes.num_classes,
-        base,
-        time.perf_counter() - start,
-    )
-    _save_cache(cache_path, classes)
+    def decode() -> ImageClasses:
+        start = time.perf_counter()
+        classes = _decode_all(parts, image_size)
+        logger.info(
+            "decoded %d Omniglot images of %d characters from %s in %.1f s",
+            classes.images.shape[0],
+            classes.num_classes,
+            base,
+            time.perf_counter() - start,
+        )
+        return classes
+
+    classes = cached_classes(cache_path, decode, "Omniglot")
+    if tuple(classes.images.shape[1:]) != (1, image_size, image_size):
+        raise DatasetError(f"the Omniglot cache {cache_path} holds images of another size; delete it")
     return classes
 
 
@@ -302,7 +306,7 @@ def _download_part(name: str, dest_dir: Path) -> Path:
     except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts; IncompleteRead
         partial.unlink(missing_ok=True)
         raise DatasetError(
-            f"could not download {name}.zip from {url} into {dest_dir} ({_one_line(err)}); download it by "
+            f"could not download {name}.zip from {url} into {dest_dir} ({one_line(err)}); download it by "
             f"hand and put it in {dest_dir}, or set dataset.root=... to a folder holding images_background "
             "and images_evaluation (folders or the official zips)"
         ) from err
@@ -353,7 +357,7 @@ def _decode_png(data: bytes, image_size: int, source: str) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL reports broken PNGs as OSError (incl. UnidentifiedImageError) or SyntaxError.
         raise DatasetError(
-            f"cannot decode {source} ({_one_line(err)}); the file is corrupt: replace it with the official "
+            f"cannot decode {source} ({one_line(err)}); the file is corrupt: replace it with the official "
             "file (or delete the data and re-download)"
         ) from err
     # The PNGs are black ink (0) on white (255); models expect the ink to be the signal.
@@ -394,7 +398,7 @@ def _iter_pngs(part: _Part) -> Iterator[tuple[str, str, str, str, bytes]]:
                 yield pieces[-3], pieces[-2], pieces[-1], source, archive.read(member)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
         raise DatasetError(
-            f"cannot read {part.path} ({_one_line(err)}); the zip is corrupt: delete it and re-download "
+            f"cannot read {part.path} ({one_line(err)}); the zip is corrupt: delete it and re-download "
             "(dataset.download=true), or supply the official file"
         ) from err
 
@@ -443,12 +447,6 @@ def _decode_all(parts: Sequence[_Part], image_size: int) -> ImageClasses:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cache_dir(cache_dir: str | None) -> Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("METARUN_CACHE") or "~/.cache/metarun"
-    return Path(cache_dir).expanduser()
-
-
 def _cache_key(base: Path, parts: Sequence[_Part], image_size: int) -> str:
     """Hash of everything the decoded images depend on.
 
@@ -476,75 +474,9 @@ def _cache_key(base: Path, parts: Sequence[_Part], image_size: int) -> str:
     return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
 
 
-def _load_cache(path: Path, image_size: int) -> ImageClasses | None:
-    """The cached classes, or ``None`` when there is no usable cache (a broken one is logged)."""
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload["format"] != CACHE_FORMAT_VERSION:
-            raise ValueError(f"format {payload['format']}, expected {CACHE_FORMAT_VERSION}")
-        classes = ImageClasses(
-            images=payload["images"],
-            labels=payload["labels"],
-            class_names=list(payload["class_names"]),
-            groups=list(payload["groups"]),
-        )
-        expected_shape = (1, image_size, image_size)
-        if classes.images.dtype != torch.uint8 or tuple(classes.images.shape[1:]) != expected_shape:
-            raise ValueError(f"unexpected images {classes.images.dtype} {tuple(classes.images.shape)}")
-    except Exception as err:  # any unreadable cache (truncated, old, foreign) is simply rebuilt
-        logger.warning(
-            "ignoring unreadable Omniglot cache %s (%s); decoding the images again", path, _one_line(err)
-        )
-        return None
-    return classes
-
-
-def _save_cache(path: Path, classes: ImageClasses) -> None:
-    """Write the cache atomically (temp file + rename), so a crash never leaves half a cache.
-
-    A cache that cannot be written only costs time on the next run, so it is a warning, not an error.
-    """
-    payload = {
-        "format": CACHE_FORMAT_VERSION,
-        "images": classes.images,
-        "labels": classes.labels,
-        "class_names": classes.class_names,
-        "groups": classes.groups,
-    }
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache can be shared like any other file
-        os.replace(tmp_name, path)
-        logger.info("cached decoded Omniglot images in %s", path)
-    except OSError as err:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-        logger.warning(
-            "could not write the Omniglot cache %s (%s); continuing without it", path, _one_line(err)
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # Splits
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_split_sizes(split_sizes: Sequence[int]) -> tuple[int, int, int]:
-    try:
-        sizes = tuple(int(s) for s in split_sizes)
-    except (TypeError, ValueError):
-        sizes = ()  # reported below
-    if len(sizes) != 3:
-        raise DatasetError(
-            f"dataset.split_sizes must be three numbers (train, val, test classes), got {split_sizes!r}"
-        )
-    return sizes  # type: ignore[return-value]
 
 
 def _read_split_lists(split_dir: str | None) -> dict[str, list[str]]:
@@ -577,6 +509,3 @@ def _names_are_rotated(names: dict[str, list[str]]) -> bool:
     return flags == {True}
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception as one short line (error messages for the user are one line)."""
-    return " ".join(str(err).split()) or type(err).__name__
