@@ -111,3 +111,11 @@ def test_run_on_gpu_keeps_images_on_the_device(compose_cfg, tmp_path):
     assert parts.train_sampler.images.is_cuda and next(parts.algorithm.parameters()).is_cuda
     run(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["device"].startswith("cuda")
+
+
+def test_evaluation_with_running_statistics(compose_cfg, tmp_path):
+    """eval.bn_batch_stats=false evaluates with BatchNorm's running statistics (non-transductive)."""
+    run(compose_cfg("eval.bn_batch_stats=false"), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["eval"]["bn_batch_stats"] is False
+    assert 0.0 <= results["test/acc_mean"] <= 1.0
