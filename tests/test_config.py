@@ -120,6 +120,7 @@ def test_unknown_group_option_lists_valid_ones(compose_cfg):
         ("meta_batch_size=0", "meta_batch_size must be >= 1"),
         ("eval.tasks=0", "eval.tasks must be >= 1"),
         ("device=tpu", "device must be"),
+        ("threads=-1", "threads must be >= 0"),
     ],
 )
 def test_validate_rejects_bad_values(compose_cfg, override, message):

@@ -93,6 +93,10 @@ def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | No
     """Validate ``cfg`` and build every part of the run, trackers last (nothing is logged for a
     run that cannot start)."""
     config.validate(cfg)
+    if cfg.threads:
+        # Few-shot batches are small: on a busy CPU, torch's spinning worker threads can cost more
+        # than they bring (see docs/results.md), so the count is a run setting.
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     algorithm, optimizer = build_algorithm(cfg, device)

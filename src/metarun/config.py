@@ -36,6 +36,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N ; auto picks cuda when available
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     iterations: int = 1000  # meta-training iterations (one meta-batch each)
     meta_batch_size: int = 32  # tasks per meta-update
     grad_clip: float | None = None  # clip the meta-gradient's global norm
@@ -73,6 +74,8 @@ def validate(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise ConfigError(f"grad_clip must be > 0 or null, got {cfg.grad_clip}")
     lr = cfg.optimizer.get("lr")
