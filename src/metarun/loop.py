@@ -215,8 +215,8 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     if (output_dir / "results.json").exists():
         raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")
     resume_from = checkpoint.resolve(cfg.resume) if cfg.resume else None
-    started = time.perf_counter()
     parts = build(cfg, output_dir, wandb_defaults)
+    started = time.perf_counter()
     log.info("device %s, %d meta-parameters", parts.device, sum(p.numel() for p in parts.algorithm.parameters()))
     state = meta_train(
         parts.algorithm, parts.optimizer, parts.train_sampler, parts.val_tasks, parts.tracker, output_dir,
