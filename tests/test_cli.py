@@ -21,6 +21,8 @@ def test_single_run_prints_per_step_table_and_writes_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "query accuracy per adaptation step" in proc.stdout
     assert "test accuracy:" in proc.stdout and "±" in proc.stdout
+    # Not a terminal: one progress line per validation instead of a live bar's last frame.
+    assert "meta-train 1/2" in proc.stdout and "meta-train 2/2" in proc.stdout and "val/acc" in proc.stdout
     assert "Gym has been unmaintained" not in proc.stderr  # learn2learn's gym banner stays out
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["test/acc_mean"] <= 1.0

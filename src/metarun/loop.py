@@ -175,26 +175,28 @@ def meta_train(
             shutil.copy2(previous_best, ckpt_dir / "best.pt")
         log.info("resumed from %s at iteration %d", resume_from, state.iteration)
     tracker.start_training(iterations, state.iteration)
-    while state.iteration < iterations:
-        try:
-            metrics = train_step(algorithm, optimizer, train_sampler, meta_batch_size, grad_clip)
-        except NonFiniteLossError as error:
-            raise NonFiniteLossError(
-                f"{error} at iteration {state.iteration + 1}; lower optimizer.lr or algorithm.inner_lr, "
-                f"or set grad_clip (checkpoints so far are in {ckpt_dir})"
-            ) from None
-        state.iteration += 1
-        tracker.log(metrics, state.iteration)
-        if state.iteration % eval_every == 0 or state.iteration == iterations:
-            val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z)
-            val_metrics = {"val/acc": val.final_accuracy, "val/loss": float(val.loss[:, -1].mean())}
-            if val.final_accuracy > state.best_val_acc:
-                state.best_val_acc, state.best_iteration = val.final_accuracy, state.iteration
-                checkpoint.save_model(ckpt_dir / "best.pt", algorithm, state.iteration)
-            tracker.log(val_metrics, state.iteration)
-        if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
-            checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, state)
-    tracker.end_training()
+    try:  # the progress bar must stop even when training stops with an error
+        while state.iteration < iterations:
+            try:
+                metrics = train_step(algorithm, optimizer, train_sampler, meta_batch_size, grad_clip)
+            except NonFiniteLossError as error:
+                raise NonFiniteLossError(
+                    f"{error} at iteration {state.iteration + 1}; lower optimizer.lr or algorithm.inner_lr, "
+                    f"or set grad_clip (checkpoints so far are in {ckpt_dir})"
+                ) from None
+            state.iteration += 1
+            tracker.log(metrics, state.iteration)
+            if state.iteration % eval_every == 0 or state.iteration == iterations:
+                val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z)
+                val_metrics = {"val/acc": val.final_accuracy, "val/loss": float(val.loss[:, -1].mean())}
+                if val.final_accuracy > state.best_val_acc:
+                    state.best_val_acc, state.best_iteration = val.final_accuracy, state.iteration
+                    checkpoint.save_model(ckpt_dir / "best.pt", algorithm, state.iteration)
+                tracker.log(val_metrics, state.iteration)
+            if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
+                checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, state)
+    finally:
+        tracker.end_training()
     return state
 
 

@@ -182,7 +182,8 @@ class WandbTracker(Tracker):
                 self.run.define_metric(f"{prefix}/*", step_metric="iteration")
             self.run.define_metric("adapt/step")
             self.run.define_metric("adapt/*", step_metric="adapt/step")
-            log.info("W&B run %s (%s mode)", self.run.name, mode)
+            # Offline runs have no name until they are synced; the id is what `wandb sync` shows.
+            log.info("W&B run %s (%s mode)", self.run.name or self.run.id, mode)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
             self._fail(error)
 
@@ -225,6 +226,7 @@ class ConsoleTracker(Tracker):
 
         self.console = Console(stderr=False)
         self.progress = None
+        self.started: float | None = None  # set while meta-training
         self.latest: dict[str, float] = {}
 
     def start_training(self, iterations: int, start_iteration: int) -> None:
@@ -232,8 +234,12 @@ class ConsoleTracker(Tracker):
 
         self.started = time.perf_counter()
         self.start_iteration = start_iteration
+        self.iterations = iterations
+        if not self.console.is_terminal:
+            # A live bar in a log file or CI output is only its last frame: print a line per validation.
+            return
         self.progress = Progress(
-            TextColumn("meta-train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("meta-train"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("{task.fields[speed]}"), TimeRemainingColumn(),
             TextColumn("{task.fields[stats]}"), console=self.console, transient=False,
         )
@@ -243,13 +249,17 @@ class ConsoleTracker(Tracker):
 
     def log(self, metrics: dict[str, float], iteration: int) -> None:
         self.latest.update(metrics)
-        if self.progress is None:
+        if self.started is None:
             return
         rate = (iteration - self.start_iteration) / max(time.perf_counter() - self.started, 1e-9)
         stats = "  ".join(f"{k} {v:.3f}" for k, v in self.latest.items() if k in ("train/acc", "train/loss", "val/acc"))
-        self.progress.update(self.task, completed=iteration, speed=f"{rate:.2f} it/s", stats=stats)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=iteration, speed=f"{rate:.2f} it/s", stats=stats)
+        elif "val/acc" in metrics:
+            self.console.print(f"meta-train {iteration}/{self.iterations}  {rate:.2f} it/s  {stats}", highlight=False)
 
     def end_training(self) -> None:
+        self.started = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
