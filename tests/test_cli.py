@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import TINY, TINY_GLYPHS, run_cli
+from conftest import CONF, TINY, TINY_GLYPHS, run_cli
 
 
 def tiny(*extra: str) -> list[str]:
@@ -33,7 +37,7 @@ def test_multirun_sweeps_four_jobs_each_with_its_own_directory(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(
         "-m", *tiny("algorithm.inner_steps=1,2", "algorithm.first_order=true,false", f"hydra.sweep.dir={sweep}"),
-        cwd=tmp_path, timeout=600,
+        "wandb.mode=offline", cwd=tmp_path, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").is_file())
@@ -44,6 +48,11 @@ def test_multirun_sweeps_four_jobs_each_with_its_own_directory(tmp_path):
         seen.add((config["algorithm"]["inner_steps"], config["algorithm"]["first_order"]))
     assert seen == {(1, True), (1, False), (2, True), (2, False)}
     assert all("first_order" in job.name for job in jobs)  # job directories are named by their overrides
+    # One W&B run per job, all in the sweep's group (an offline run file holds its group as plain bytes).
+    runs = [run for job in jobs for run in (job / "wandb").glob("offline-run-*/*.wandb")]
+    assert len(runs) == 4
+    group = f"sweep-{tmp_path.name}-sweep".encode()
+    assert all(group in run.read_bytes() for run in runs)
 
 
 def test_wandb_offline_run_is_written_next_to_the_results(tmp_path):
@@ -121,3 +130,14 @@ def test_maml_on_real_omniglot_end_to_end(tmp_path, omniglot_root):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["dataset"]["split_sizes"] == [1100, 100, 423]
     assert 0.0 <= results["test/acc_mean"] <= 1.0
+
+
+def test_console_script_completes_config_groups_like_hydra(tmp_path):
+    """The installed ``metarun`` script (not just ``python -m metarun``) and Hydra's shell completion."""
+    script = Path(sys.executable).parent / "metarun"
+    env = {**os.environ, "COMP_LINE": "metarun algorithm="}
+    proc = subprocess.run([str(script), "-sc", "query=bash"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = {f"algorithm={p.stem}" for p in (CONF / "algorithm").glob("*.yaml")}
+    assert len(expected) >= 4 and set(proc.stdout.split()) == expected
