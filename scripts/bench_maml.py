@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--first-order", action="store_true", help="first-order MAML in both loops")
     parser.add_argument("--iterations", type=int, default=20, help="meta-iterations per timed round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,7 +76,8 @@ def main() -> None:
     splits = load_glyphs()
     # The example's query uses as many samples per class as the support set (2 * shots per class).
     sampler = TaskSampler(splits.train, args.ways, args.shots, args.shots, device)
-    algorithm = MAML(Conv4(), ways=args.ways, inner_lr=0.4, inner_steps=args.inner_steps).to(device)
+    algorithm = MAML(Conv4(), ways=args.ways, inner_lr=0.4, inner_steps=args.inner_steps,
+                     first_order=args.first_order).to(device)
     ours_opt = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
 
     images = splits.train.images.float().div(255.0)
@@ -87,7 +89,8 @@ def main() -> None:
         l2l.data.transforms.RemapLabels(meta),
         l2l.data.transforms.ConsecutiveLabels(meta),
     ], num_tasks=-1)
-    baseline = l2l.algorithms.MAML(nn.Sequential(Conv4(), nn.Linear(64, args.ways)), lr=0.4).to(device)
+    baseline = l2l.algorithms.MAML(nn.Sequential(Conv4(), nn.Linear(64, args.ways)), lr=0.4,
+                                   first_order=args.first_order).to(device)
     base_opt = torch.optim.Adam(baseline.parameters(), lr=1e-3)
 
     def ours():
@@ -106,7 +109,7 @@ def main() -> None:
     print(f"hardware: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     print(f"shape: {args.ways}-way {args.shots}-shot, meta-batch {args.meta_batch_size}, "
-          f"{args.inner_steps} inner step(s), {args.rounds} rounds x {args.iterations} iterations")
+          f"{args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order, {args.rounds} rounds x {args.iterations} iterations")
     print(f"metarun       {statistics.median(ours_rates):7.2f} meta-it/s (median; rounds {[round(r, 2) for r in ours_rates]})")
     print(f"learn2learn   {statistics.median(theirs_rates):7.2f} meta-it/s (median; rounds {[round(r, 2) for r in theirs_rates]})")
     print(f"ratio metarun/learn2learn: {statistics.median(ratios):.3f} (median of per-round ratios)")
