@@ -20,6 +20,9 @@ CONF = REPO / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"
 OMNIGLOT_TAR = SHARED_DATA / "omniglot" / "omniglot_standard.tar.gz"
 
+# Tests share helpers with the measurement scripts (e.g. the glyphs 1-NN baseline).
+sys.path.insert(0, str(REPO / "scripts"))
+
 # A run that takes seconds: a small generated dataset, two iterations, no W&B, no console.
 TINY_GLYPHS = ["dataset.num_alphabets=4", "dataset.characters_per_alphabet=10", "dataset.split_sizes=[20,10,-1]"]
 TINY = [  # plus TINY_GLYPHS when the dataset is the default

@@ -13,6 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from conftest import CONF
 from metarun import config
 from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.backbones import MLP, Conv4
 from metarun.build import build_algorithm, build_data, resolve_device
 from metarun.cli import user_error
 from metarun.data.base import ClassSplits
@@ -47,6 +48,21 @@ def test_paper_backbone_sizes(compose_cfg):
     assert conv4.out_features == 64  # stride-2 convs, spatial mean (MAML's Omniglot code)
     assert conv4_84.out_features == 32 * 5 * 5  # 84 -> 42 -> 21 -> 10 -> 5, flattened (MAML's mini-ImageNet code)
     assert instantiate(compose_cfg("backbone=conv4", "backbone.pool=max").backbone).out_features == 64
+
+
+@pytest.mark.parametrize("pool", ["stride", "max"])
+@pytest.mark.parametrize("size", [28, 30, 84])
+def test_conv4_out_features_match_a_forward_pass(pool, size):
+    net = Conv4(hidden=8, image_size=size, pool=pool, flatten=True)
+    assert net(torch.rand(2, 1, size, size)).shape == (2, net.out_features)
+
+
+def test_building_a_backbone_leaves_batchnorm_statistics_untouched():
+    for net in (Conv4(), Conv4(pool="max", flatten=True), MLP()):
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+            assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+            assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+            assert int(bn.num_batches_tracked) == 0
 
 
 @pytest.mark.parametrize("name", options("optimizer"))

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from glyphs_difficulty import one_nn_accuracy  # scripts/, on the path through conftest
 from metarun.data import glyphs
 from metarun.data.base import ClassSplits, DatasetError, ImageClasses, split_by_seed
 from metarun.data.glyphs import generate_glyphs, load_glyphs
@@ -124,34 +125,6 @@ def test_drawings_of_a_character_differ_but_are_closer_to_each_other_than_to_oth
 # ----------------------------------------------------------------------------------------------
 # Difficulty (default size)
 # ----------------------------------------------------------------------------------------------
-
-
-def one_nn_accuracy(
-    classes: ImageClasses, tasks: int = 1000, ways: int = 5, query: int = 5, one_alphabet: bool = False
-) -> float:
-    """Accuracy of 1-nearest-neighbour (L2 in pixel space) on random ``ways``-way 1-shot tasks.
-
-    With ``one_alphabet``, the classes of a task come from one alphabet (``classes`` must hold
-    whole alphabets in order, as generate_glyphs returns them).
-    """
-    x = flat(classes)
-    per_class = int(classes.samples_per_class()[0])
-    g = torch.Generator().manual_seed(0)
-    if one_alphabet:
-        alphabets = len(set(classes.groups))
-        per_alphabet = classes.num_classes // alphabets
-        first = torch.randint(alphabets, (tasks, 1), generator=g) * per_alphabet
-        chosen = first + torch.stack([torch.randperm(per_alphabet, generator=g)[:ways] for _ in range(tasks)])
-    else:
-        chosen = torch.stack([torch.randperm(classes.num_classes, generator=g)[:ways] for _ in range(tasks)])
-    drawings = torch.stack([torch.randperm(per_class, generator=g)[: 1 + query] for _ in range(tasks * ways)])
-    index = chosen.view(-1, 1) * per_class + drawings  # [tasks * ways, 1 + query]
-    index = index.view(tasks, ways, 1 + query)
-    support = x[index[:, :, 0]]  # [tasks, ways, D]
-    queries = x[index[:, :, 1:].reshape(tasks, ways * query)]  # [tasks, ways * query, D]
-    predicted = torch.cdist(queries, support).argmin(-1)
-    truth = torch.arange(ways).repeat_interleave(query)
-    return (predicted == truth).float().mean().item()
 
 
 def test_one_nn_in_pixel_space_is_far_above_chance_and_far_from_perfect(default_size):

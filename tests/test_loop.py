@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from metarun import checkpoint
-from metarun.loop import Evaluation, NonFiniteLossError, OutputExistsError, batchnorm_mode, run
+from metarun.loop import Evaluation, NonFiniteLossError, OutputExistsError, batchnorm_mode, evaluate, run
 
 
 def test_ci_is_z_times_std_over_sqrt_n():
@@ -113,9 +113,26 @@ def test_run_on_gpu_keeps_images_on_the_device(compose_cfg, tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["device"].startswith("cuda")
 
 
-def test_evaluation_with_running_statistics(compose_cfg, tmp_path):
+def test_evaluation_with_running_statistics_reads_the_buffers_not_the_batch(compose_cfg, tmp_path):
     """eval.bn_batch_stats=false evaluates with BatchNorm's running statistics (non-transductive)."""
-    run(compose_cfg("eval.bn_batch_stats=false"), tmp_path)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["config"]["eval"]["bn_batch_stats"] is False
-    assert 0.0 <= results["test/acc_mean"] <= 1.0
+    from metarun.build import build
+
+    parts = build(compose_cfg(), tmp_path / "parts")
+    algorithm, tasks = parts.algorithm, parts.val_tasks
+    batch = evaluate(algorithm, tasks, bn_batch_stats=True, ci_z=1.96)
+    running = evaluate(algorithm, tasks, bn_batch_stats=False, ci_z=1.96)
+    assert not torch.equal(batch.loss, running.loss)
+    with torch.no_grad():  # move the running statistics: only the non-transductive evaluation may notice
+        for module in algorithm.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean += 0.5
+    assert not torch.equal(evaluate(algorithm, tasks, bn_batch_stats=False, ci_z=1.96).loss, running.loss)
+    assert torch.equal(evaluate(algorithm, tasks, bn_batch_stats=True, ci_z=1.96).loss, batch.loss)
+
+
+def test_run_passes_the_batchnorm_option_to_evaluation(compose_cfg, tmp_path):
+    run(compose_cfg("eval.bn_batch_stats=true"), tmp_path / "batch")
+    run(compose_cfg("eval.bn_batch_stats=false"), tmp_path / "running")
+    batch, running = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("batch", "running"))
+    assert running["config"]["eval"]["bn_batch_stats"] is False
+    assert batch["curves"]["test"]["loss_mean"] != running["curves"]["test"]["loss_mean"]

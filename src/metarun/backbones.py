@@ -49,8 +49,12 @@ class Conv4(nn.Module):
             channels = hidden
         self.blocks = nn.Sequential(*blocks)
         self.flatten = flatten
-        with torch.no_grad():
-            self.out_features = self._pool(self.blocks(torch.zeros(2, in_channels, image_size, image_size))).shape[1]
+        # Computed, not measured with a dummy forward pass: that pass would run BatchNorm in train
+        # mode and move its running statistics before training starts.
+        side = image_size
+        for _ in range(4):
+            side = (side + 1) // 2 if pool == "stride" else side // 2  # 3x3 stride-2 pad-1 conv | 2x2 pool
+        self.out_features = hidden * side * side if flatten else hidden
 
     def _pool(self, maps: torch.Tensor) -> torch.Tensor:
         return maps.flatten(1) if self.flatten else maps.mean(dim=(2, 3))

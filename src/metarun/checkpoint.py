@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarun.errors import one_line
+
 State = TypeVar("State")
 
 
@@ -103,7 +105,6 @@ def load_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer,
         algorithm.load_state_dict(saved["algorithm"])
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, KeyError, EOFError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot resume from {path}: {first_line}") from None
+        raise CheckpointError(f"cannot resume from {path}: {one_line(error)}") from None
     set_rng_state(saved["rng"])
     return state_type(**saved["state"])

@@ -24,6 +24,7 @@ from torch import nn
 
 from metarun import checkpoint
 from metarun.algorithms.base import Algorithm
+from metarun.build import build
 from metarun.tasks import FixedTasks, TaskSampler
 from metarun.tracking import Tracker
 
@@ -118,14 +119,18 @@ def train_step(
     """
     algorithm.train()
     optimizer.zero_grad(set_to_none=True)
-    total_loss, total_acc = 0.0, 0.0
+    # Kept on the device and read once per meta-batch: a .item() per task would make the CPU wait
+    # for the GPU after every task.
+    losses, accuracies = [], []
     for _ in range(meta_batch_size):
         results = algorithm.run_task(sampler.sample(), algorithm.inner_steps, every_step=False)
         loss = algorithm.meta_loss(results)
         (loss / meta_batch_size).backward()
-        total_loss += loss.item()
+        losses.append(loss.detach())
         if results[-1].accuracy is not None:
-            total_acc += results[-1].accuracy.item()
+            accuracies.append(results[-1].accuracy.detach())
+    total_loss = torch.stack(losses).sum().item()
+    total_acc = torch.stack(accuracies).sum().item() if accuracies else 0.0
     if not math.isfinite(total_loss):
         raise NonFiniteLossError(f"meta-training loss is {total_loss}")
     if grad_clip is not None:
@@ -211,8 +216,6 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         The best mean validation accuracy (after the last adaptation step): the objective
         that Hydra's sweepers optimise.
     """
-    from metarun.build import build  # build imports the trackers, the loop does not need them otherwise
-
     output_dir = Path(output_dir)
     if (output_dir / "results.json").exists():
         raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")

@@ -104,8 +104,7 @@ class TaskSampler:
 
     def sample_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One task as image indices ``[ways * (shots + query_shots)]`` and labels in ``[0, ways)``."""
-        index, label = self.taskset.sample()
-        return index, label
+        return self.taskset.sample()
 
     def materialise(self, index: torch.Tensor, label: torch.Tensor) -> Task:
         """Gather the images of a task and split it by label into support and query."""
@@ -127,8 +126,10 @@ class TaskSampler:
 
     def fixed_tasks(self, count: int, seed: int) -> FixedTasks:
         """``count`` tasks that depend only on ``seed`` (the global RNG is restored afterwards)."""
+        device = self.images.device
         with python_random_seed(seed):
-            drawn = [self.sample_indices() for _ in range(count)]
+            # Moved to the device once here, not at every evaluation.
+            drawn = [tuple(t.to(device) for t in self.sample_indices()) for _ in range(count)]
         return FixedTasks(self, drawn)
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metarun.errors import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -107,6 +109,11 @@ class FileTracker(Tracker):
         os.replace(tmp, self.output_dir / "results.json")
 
 
+def curve_metric(curves: dict[str, dict[str, list[float]]]) -> str:
+    """``"acc"`` when every split has accuracy curves, else ``"loss"`` (regression)."""
+    return "acc" if all("acc_mean" in summary for summary in curves.values()) else "loss"
+
+
 def plot_adaptation(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     """Query accuracy (or loss, for regression) against adaptation step, with CI bars."""
     import matplotlib
@@ -114,7 +121,7 @@ def plot_adaptation(curves: dict[str, dict[str, list[float]]], path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "acc" if all("acc_mean" in s for s in curves.values()) else "loss"
+    metric = curve_metric(curves)
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for split, summary in curves.items():
         mean, ci = summary[f"{metric}_mean"], summary[f"{metric}_ci95"]
@@ -188,7 +195,7 @@ class WandbTracker(Tracker):
             self._fail(error)
 
     def _fail(self, error: Exception) -> None:
-        log.warning("W&B disabled after an error: %s", str(error).splitlines()[0] if str(error) else error)
+        log.warning("W&B disabled after an error: %s", one_line(error))
         self.run = None
 
     def log(self, metrics: dict[str, float], iteration: int) -> None:
@@ -267,7 +274,7 @@ class ConsoleTracker(Tracker):
     def log_adaptation(self, curves: dict[str, dict[str, list[float]]]) -> None:
         from rich.table import Table
 
-        metric = "acc" if all("acc_mean" in s for s in curves.values()) else "loss"
+        metric = curve_metric(curves)
         table = Table(title=f"query {'accuracy' if metric == 'acc' else 'loss'} per adaptation step (mean ± 95% CI)")
         table.add_column("step", justify="right")
         for split in curves:

@@ -1,4 +1,4 @@
-"""Shared machinery of the gradient-based family (MAML, first-order MAML, Meta-SGD).
+"""Shared machinery of the gradient-based family (MAML, first-order MAML, Meta-SGD, ANIL).
 
 The model is ``features -> linear head`` wrapped in one of learn2learn's differentiable
 learners (``l2l.algorithms.MAML`` or ``MetaSGD``); adaptation is ``clone()`` and ``adapt(loss)``,
@@ -22,39 +22,60 @@ def classifier(features: nn.Module, ways: int) -> nn.Sequential:
     return nn.Sequential(features, nn.Linear(features.out_features, ways))
 
 
-def check_inner_loop(inner_lr: float, ways: int, train_ways: int | None) -> None:
-    if inner_lr < 0:
-        raise ConfigError(f"algorithm.inner_lr must be >= 0, got {inner_lr}")
-    if train_ways is not None and train_ways != ways:
-        raise ConfigError(
-            f"train_ways={train_ways} but ways={ways}: a gradient-based learner's head has one output per "
-            f"way, so both must be equal for this algorithm"
-        )
-
-
 class GradientBasedAlgorithm(Algorithm):
-    """Adapts every parameter of ``self.learnable`` (a learn2learn BaseLearner) with gradient steps.
+    """Adapts ``self.learnable`` (a learn2learn BaseLearner) with gradient steps on the support loss.
 
-    Subclasses set ``self.learnable`` and ``self.first_order``.
+    Subclasses call ``super().__init__`` and then set ``self.learnable``. By default the learnable
+    is the whole classifier; an algorithm that adapts only part of it (ANIL: the head) overrides
+    :meth:`inner_inputs` (what the learnable sees during adaptation) and :meth:`learner` (the
+    model scored on the query set).
+
+    Args:
+        ways: classes per task (outputs of the linear head).
+        inner_lr: inner-loop step size (initial value, for methods that learn it).
+        first_order: drop second-order terms of the meta-gradient.
+        inner_steps: adaptation steps during meta-training.
+        eval_inner_steps: adaptation steps at evaluation.
+        train_ways: ways of meta-training tasks; must equal ``ways`` (one head output per way).
     """
 
     learnable: nn.Module
-    first_order: bool
+
+    def __init__(self, ways: int, inner_lr: float, first_order: bool, inner_steps: int, eval_inner_steps: int,
+                 train_ways: int | None) -> None:
+        super().__init__(inner_steps, eval_inner_steps)
+        if inner_lr < 0:
+            raise ConfigError(f"algorithm.inner_lr must be >= 0, got {inner_lr}")
+        if train_ways is not None and train_ways != ways:
+            raise ConfigError(
+                f"train_ways={train_ways} but ways={ways}: a gradient-based learner's head has one output per "
+                f"way, so both must be equal for this algorithm"
+            )
+        self.first_order = first_order
+
+    def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``self.learnable`` takes during adaptation: the images themselves by default."""
+        return x
+
+    def learner(self, adapted: nn.Module) -> nn.Module:
+        """The model scored on the query set, given the adapted copy of ``self.learnable``."""
+        return adapted
 
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
         meta_gradients = torch.is_grad_enabled()
+        inputs = self.inner_inputs(support.x)
         with torch.enable_grad():
-            learner = self.learnable.clone()
+            adapted = self.learnable.clone()
             if not meta_gradients:
                 # Evaluation: adapt a copy cut off from the meta-parameters; nothing will be
                 # backpropagated, so first-order steps give the same learner for less work.
-                l2l.detach_module(learner, keep_requires_grad=True)
-        yield learner
+                l2l.detach_module(adapted, keep_requires_grad=True)
+        yield self.learner(adapted)
         for _ in range(steps):
             with torch.enable_grad():
-                loss = nn.functional.cross_entropy(learner(support.x), support.y)
-                learner.adapt(loss, first_order=self.first_order or not meta_gradients)
-            yield learner
+                loss = nn.functional.cross_entropy(adapted(inputs), support.y)
+                adapted.adapt(loss, first_order=self.first_order or not meta_gradients)
+            yield self.learner(adapted)
 
     def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return classification_result(learner(query.x), query.y)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.gradient import GradientBasedAlgorithm, check_inner_loop, classifier
+from metarun.algorithms.gradient import GradientBasedAlgorithm, classifier
 
 
 class MAML(GradientBasedAlgorithm):
@@ -29,7 +29,5 @@ class MAML(GradientBasedAlgorithm):
 
     def __init__(self, features: nn.Module, ways: int, inner_lr: float = 0.4, first_order: bool = False,
                  inner_steps: int = 1, eval_inner_steps: int = 3, train_ways: int | None = None) -> None:
-        super().__init__(inner_steps, eval_inner_steps)
-        check_inner_loop(inner_lr, ways, train_ways)
-        self.first_order = first_order
+        super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways)
         self.learnable = l2l.algorithms.MAML(classifier(features, ways), lr=inner_lr, first_order=first_order)

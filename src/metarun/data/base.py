@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from metarun.checkpoint import atomic_save
+from metarun.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ClassSplits:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
 
 
-def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int) -> ClassSplits:
+def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int, rotations: bool = False) -> ClassSplits:
     """Shuffle the classes with ``random.Random(seed)`` and cut them into train/val/test.
 
     This is MAML's Omniglot protocol (Finn et al. 2017: a seeded shuffle of the 1623 characters,
@@ -100,6 +101,9 @@ def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int)
         classes: all classes, before rotations.
         sizes: number of train, val and test classes; ``-1`` for test means "all the rest".
         seed: seed of the shuffle.
+        rotations: then give every split the rotated copies of its own classes as new classes
+            (:func:`with_rotations`; MAML's protocol), so no rotation of a training class is
+            seen at validation or test time.
     """
     n_train, n_val, n_test = sizes
     needed = n_train + n_val + max(n_test, 1)
@@ -113,7 +117,8 @@ def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int)
     order = list(range(classes.num_classes))
     random.Random(seed).shuffle(order)
     cuts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val : n_train + n_val + n_test])
-    return ClassSplits(*(classes.subset(sorted(c)) for c in cuts))
+    parts = [classes.subset(sorted(c)) for c in cuts]
+    return ClassSplits(*(with_rotations(p) if rotations else p for p in parts))
 
 
 def with_rotations(classes: ImageClasses, angles: tuple[int, ...] = (0, 90, 180, 270)) -> ImageClasses:
@@ -216,9 +221,3 @@ def cached_classes(path: Path, build: Callable[[], ImageClasses], what: str) -> 
     except OSError as error:
         log.warning("could not write the %s cache %s (%s); continuing without it", what, path, one_line(error))
     return classes
-
-
-def one_line(error: BaseException) -> str:
-    """The first line of an error's message (or its type), for one-line user messages."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -48,7 +48,6 @@ from metarun.data.base import (
     cached_classes,
     check_split_sizes,
     split_by_seed,
-    with_rotations,
 )
 from metarun.data.base import cache_dir as base_cache_dir
 
@@ -193,10 +192,7 @@ def load_glyphs(
         "seed": seed,
     }
     classes = cached_classes(_cache_path(cache_dir, params), lambda: generate_glyphs(**params), "glyph")
-    splits = split_by_seed(classes, split_sizes, split_seed)
-    if rotations:
-        splits = ClassSplits(*(with_rotations(part) for _, part in splits.items()))
-    return splits
+    return split_by_seed(classes, split_sizes, split_seed, rotations)
 
 
 # --------------------------------------------------------------------------------------------

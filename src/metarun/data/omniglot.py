@@ -46,12 +46,12 @@ from metarun.data.base import (
     ImageClasses,
     cached_classes,
     check_split_sizes,
-    one_line,
     split_by_names,
     split_by_seed,
     with_rotations,
 )
 from metarun.data.base import cache_dir as cache_dir_of
+from metarun.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,7 @@ def load_omniglot(
     classes = load_omniglot_classes(root, download=download, image_size=image_size, cache_dir=cache_dir)
 
     if names is None:
-        splits = split_by_seed(classes, sizes, split_seed)
-        if rotations:
-            splits = ClassSplits(*(with_rotations(part) for _, part in splits.items()))
+        splits = split_by_seed(classes, sizes, split_seed, rotations)
         description = f"maml split (seed {split_seed}{', with rotations' if rotations else ''})"
     else:
         if rotated:
