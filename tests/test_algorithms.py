@@ -16,7 +16,8 @@ BACKBONES = ["conv4", "mlp"]
 
 def random_task(ways: int = 5, shots: int = 1, query_shots: int = 2) -> Task:
     def split(per_class: int) -> TaskSplit:
-        return TaskSplit(torch.rand(ways * per_class, 1, 28, 28), torch.arange(ways).repeat_interleave(per_class))
+        return TaskSplit(torch.rand(ways * per_class, 1, 28, 28), torch.arange(ways).repeat_interleave(per_class),
+                         ways)
 
     return Task(support=split(shots), query=split(query_shots))
 
@@ -74,3 +75,17 @@ def test_adaptation_improves_support_fit(algorithm):
         results = algorithm.run_task(fit_support, 5, every_step=True)
     if len(results) > 1:
         assert results[-1].loss < results[0].loss
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_training_ways_may_exceed_evaluation_ways(compose_cfg, name):
+    """Snell et al. (2017) train with more ways than they test; every algorithm accepts it."""
+    cfg = compose_cfg(f"algorithm={name}", "ways=3", "train_ways=7", "train_query_shots=2")
+    algorithm, _ = build_algorithm(cfg, torch.device("cpu"))
+    algorithm.train()
+    results = algorithm.run_task(random_task(ways=7, query_shots=2), algorithm.inner_steps, every_step=False)
+    algorithm.meta_loss(results).backward()
+    assert torch.isfinite(results[-1].loss)
+    with torch.no_grad():
+        for r in algorithm.run_task(random_task(ways=3), algorithm.eval_inner_steps, every_step=True):
+            assert torch.isfinite(r.loss) and 0.0 <= float(r.accuracy) <= 1.0

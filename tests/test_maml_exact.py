@@ -57,8 +57,8 @@ def problem():
     ys, yq = np.array([0, 1, 1, 0]), np.array([1, 0, 1, 0])
     W = rng.normal(size=(2, 4)) * 0.5
     task = Task(
-        support=TaskSplit(torch.tensor(xs), torch.tensor(ys)),
-        query=TaskSplit(torch.tensor(xq), torch.tensor(yq)),
+        support=TaskSplit(torch.tensor(xs), torch.tensor(ys), 2),
+        query=TaskSplit(torch.tensor(xq), torch.tensor(yq), 2),
     )
     return W, task
 
@@ -96,3 +96,25 @@ def test_first_order_meta_gradient_drops_the_hessian_term(problem):
     np.testing.assert_allclose(first, expected, rtol=1e-10, atol=1e-12)
     # The Hessian term is not negligible here, so the two orders must differ.
     assert np.abs(first - second).max() > 1e-3
+
+
+def test_a_head_wider_than_the_task_gives_the_same_learner_as_a_head_of_the_task_size(problem):
+    """With train_ways > ways the head has train_ways outputs and an N-way task reads the first N:
+    the extra outputs get no gradient, so adaptation and query loss equal those of an N-output head."""
+    W, task = problem
+    torch.set_default_dtype(torch.float64)
+    try:
+        narrow = MAML(Identity3(), ways=2, inner_lr=ALPHA, inner_steps=1)
+        wide = MAML(Identity3(), ways=2, train_ways=5, inner_lr=ALPHA, inner_steps=1)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert wide.learnable.module[1].out_features == 5
+    with torch.no_grad():
+        narrow.learnable.module[1].weight.copy_(torch.tensor(W[:, :3]))
+        narrow.learnable.module[1].bias.copy_(torch.tensor(W[:, 3]))
+        wide.learnable.module[1].weight[:2].copy_(torch.tensor(W[:, :3]))
+        wide.learnable.module[1].bias[:2].copy_(torch.tensor(W[:, 3]))
+    narrow_results = narrow.run_task(task, 2, every_step=True)
+    wide_results = wide.run_task(task, 2, every_step=True)
+    for a, b in zip(narrow_results, wide_results):
+        assert torch.allclose(a.loss, b.loss, atol=1e-12) and torch.equal(a.accuracy, b.accuracy)

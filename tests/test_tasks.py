@@ -77,3 +77,47 @@ def test_ways_larger_than_classes_is_one_clear_error():
 def test_shots_plus_query_larger_than_samples_is_one_clear_error():
     with pytest.raises(DatasetError, match=r"shots \+ query_shots = 7 .* only 6 samples"):
         TaskSampler(toy_classes(), ways=5, shots=2, query_shots=5)
+
+
+def grouped_classes() -> ImageClasses:
+    """12 classes in groups of 2, 4 and 6 classes."""
+    classes = toy_classes(num_classes=12)
+    classes.groups = ["a"] * 2 + ["b"] * 4 + ["c"] * 6
+    return classes
+
+
+def test_within_group_tasks_draw_all_classes_from_one_eligible_group():
+    classes = grouped_classes()
+    sampler = TaskSampler(classes, ways=3, shots=1, query_shots=1, within_group=True)
+    seen_groups = set()
+    for _ in range(60):
+        task = sampler.sample()
+        class_of = [i // 6 for i in sample_ids(task.support)]  # toy image i belongs to class i // 6
+        groups = {classes.groups[c] for c in class_of}
+        assert len(groups) == 1 and len(set(class_of)) == 3
+        seen_groups |= groups
+    assert seen_groups == {"b", "c"}, "group 'a' has 2 < ways classes and is never drawn; the others are"
+
+
+def test_without_within_group_tasks_mix_groups():
+    classes = grouped_classes()
+    sampler = TaskSampler(classes, ways=3, shots=1, query_shots=1)
+    mixed = sum(len({classes.groups[i // 6] for i in sample_ids(sampler.sample().support)}) > 1 for _ in range(30))
+    assert mixed > 10
+
+
+def test_within_group_without_a_large_enough_group_is_one_clear_error():
+    with pytest.raises(DatasetError, match=r"ways=7 classes but the largest has 6.*within_group=false"):
+        TaskSampler(grouped_classes(), ways=7, shots=1, query_shots=1, within_group=True)
+
+
+def test_augment_is_applied_to_every_task_image():
+    sampler = TaskSampler(toy_classes(), ways=5, shots=1, query_shots=2, augment=lambda x: 1.0 - x)
+    plain = TaskSampler(toy_classes(), ways=5, shots=1, query_shots=2)
+    random.seed(4)
+    augmented = sampler.sample()
+    random.seed(4)
+    original = plain.sample()
+    assert torch.equal(augmented.support.x, 1.0 - original.support.x)
+    assert torch.equal(augmented.query.x, 1.0 - original.query.x)
+    assert augmented.support.ways == 5 and augmented.query.ways == 5

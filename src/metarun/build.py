@@ -59,11 +59,17 @@ def seed_everything(seed: int) -> None:
 
 
 def build_data(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, FixedTasks, FixedTasks]:
-    """The training task sampler and the fixed validation and test tasks."""
+    """The training task sampler and the fixed validation and test tasks.
+
+    ``cfg.augment`` (a config group, default none) transforms the training tasks' images only.
+    """
     splits: ClassSplits = instantiate(cfg.dataset, _convert_="all")
-    train = TaskSampler(splits.train, cfg.train_ways, cfg.shots, cfg.train_query_shots, device, "train")
-    val = TaskSampler(splits.val, cfg.ways, cfg.shots, cfg.query_shots, device, "val")
-    test = TaskSampler(splits.test, cfg.ways, cfg.shots, cfg.query_shots, device, "test")
+    augment = instantiate(cfg.augment) if cfg.augment is not None else None
+    within = splits.within_group
+    train = TaskSampler(splits.train, cfg.train_ways, cfg.shots, cfg.train_query_shots, device, "train", within,
+                        augment)
+    val = TaskSampler(splits.val, cfg.ways, cfg.shots, cfg.query_shots, device, "val", within)
+    test = TaskSampler(splits.test, cfg.ways, cfg.shots, cfg.query_shots, device, "test", within)
     return (
         train,
         val.fixed_tasks(cfg.eval.val_tasks, seed=cfg.seed + VAL_TASK_SEED_OFFSET),

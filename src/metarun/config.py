@@ -33,6 +33,7 @@ class RunConfig:
     backbone: Any = MISSING
     optimizer: Any = MISSING
     wandb: Any = MISSING
+    augment: Any = None  # training-only image augmentation (conf/augment/), applied to every training task
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N ; auto picks cuda when available

@@ -9,16 +9,23 @@ sample and, with a GPU, the images never leave it.
 
 Support and query are split by label: of the ``shots + query_shots`` samples drawn for each
 class, the first ``shots`` go to the support set and the rest to the query set.
+
+Two options change what a task is: ``within_group`` puts :class:`OneGroup` before ``NWays`` so
+that all classes of a task share a group (one alphabet: Koch et al. 2015), and ``augment``
+transforms the images of every task drawn (the training sampler only; evaluation tasks are
+never augmented).
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from learn2learn.data.task_dataset import DataDescription
 
 from metarun._learn2learn import l2l
 from metarun.data.base import DatasetError, ImageClasses
@@ -31,10 +38,14 @@ class TaskSplit:
     Attributes:
         x: inputs ``[n, C, H, W]`` (float32 in [0, 1] for images).
         y: labels ``[n]`` int64 in ``[0, ways)``.
+        ways: classes of the task. Carried with the data because training and evaluation tasks
+            may have different ways (``train_ways``), and a label tensor alone cannot tell a
+            class that is absent from one that does not exist.
     """
 
     x: torch.Tensor
     y: torch.Tensor
+    ways: int
 
 
 @dataclass
@@ -56,6 +67,42 @@ def python_random_seed(seed: int) -> Iterator[None]:
         random.setstate(state)
 
 
+class OneGroup(l2l.data.transforms.TaskTransform):
+    """learn2learn task transform: keep the samples of one random group that has >= ``ways`` classes.
+
+    Placed before ``NWays``, it makes every task's classes come from one group, e.g. Lake et
+    al.'s and Koch et al.'s (2015) "within-alphabet" one-shot tasks. Groups are drawn uniformly
+    (Lake's runs each use one alphabet), with Python's ``random`` like the rest of learn2learn.
+
+    Args:
+        dataset: the learn2learn MetaDataset.
+        class_groups: the group of every class (label).
+        ways: classes a task needs; groups with fewer are never drawn.
+
+    Raises:
+        DatasetError: no group has ``ways`` classes.
+    """
+
+    def __init__(self, dataset: l2l.data.MetaDataset, class_groups: list[str], ways: int) -> None:
+        super().__init__(dataset)
+        members: dict[str, list[int]] = {}
+        for label, group in enumerate(class_groups):
+            members.setdefault(group, []).append(label)
+        self.groups = [labels for _, labels in sorted(members.items()) if len(labels) >= ways]
+        if not self.groups:
+            largest = max(len(labels) for labels in members.values())
+            raise DatasetError(
+                f"within_group tasks need a group with ways={ways} classes but the largest has {largest}; "
+                f"lower ways or set dataset.within_group=false"
+            )
+
+    def __call__(self, task_description: list | None) -> list:
+        if task_description is not None:
+            raise ValueError("OneGroup must be the first task transform")
+        labels_to_indices = self.dataset.labels_to_indices
+        return [DataDescription(i) for label in random.choice(self.groups) for i in labels_to_indices[label]]
+
+
 class TaskSampler:
     """Samples N-way K-shot tasks from one class split through learn2learn.
 
@@ -66,10 +113,12 @@ class TaskSampler:
         query_shots: query samples per class.
         device: where the images live and tasks are returned.
         split_name: ``train``/``val``/``test``, for error messages.
+        within_group: all classes of a task come from one group (:class:`OneGroup`).
+        augment: applied to the images ``[n, C, H, W]`` of every task drawn (training only).
 
     Raises:
         DatasetError: the split has fewer classes than ``ways``, or a class has fewer samples
-            than ``shots + query_shots``.
+            than ``shots + query_shots``, or (``within_group``) no group has ``ways`` classes.
     """
 
     def __init__(
@@ -80,9 +129,12 @@ class TaskSampler:
         query_shots: int,
         device: torch.device | str = "cpu",
         split_name: str = "train",
+        within_group: bool = False,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         check_task_shape(classes, ways, shots, query_shots, split_name)
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.augment = augment
         # uint8 -> float once, on the device: tasks then cost one index_select each.
         self.images = classes.images.to(device=device, dtype=torch.float32).div_(255.0)
         self.labels = classes.labels
@@ -93,7 +145,8 @@ class TaskSampler:
         # learn2learn iterates the whole dataset to build this map unless it is given one.
         meta = l2l.data.MetaDataset(torch.utils.data.TensorDataset(indices, self.labels),
                                     labels_to_indices=labels_to_indices)
-        transforms = [
+        transforms = [OneGroup(meta, classes.groups, ways)] if within_group else []
+        transforms += [
             l2l.data.transforms.NWays(meta, ways),
             l2l.data.transforms.KShots(meta, shots + query_shots),
             l2l.data.transforms.LoadData(meta),
@@ -115,9 +168,11 @@ class TaskSampler:
             members = (label == c).nonzero().flatten()
             support_mask[members[: self.shots]] = True
         x = self.images.index_select(0, index)
+        if self.augment is not None:
+            x = self.augment(x)
         return Task(
-            support=TaskSplit(x[support_mask], label[support_mask]),
-            query=TaskSplit(x[~support_mask], label[~support_mask]),
+            support=TaskSplit(x[support_mask], label[support_mask], self.ways),
+            query=TaskSplit(x[~support_mask], label[~support_mask], self.ways),
         )
 
     def sample(self) -> Task:

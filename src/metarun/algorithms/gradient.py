@@ -17,9 +17,24 @@ from metarun.algorithms.base import Algorithm, ConfigError, TaskResult, classifi
 from metarun.tasks import TaskSplit
 
 
-def classifier(features: nn.Module, ways: int) -> nn.Sequential:
-    """``features`` followed by a linear head: ``[B, C, H, W] -> [B, ways]`` logits."""
-    return nn.Sequential(features, nn.Linear(features.out_features, ways))
+def classifier(features: nn.Module, outputs: int) -> nn.Sequential:
+    """``features`` followed by a linear head: ``[B, C, H, W] -> [B, outputs]`` logits."""
+    return nn.Sequential(features, nn.Linear(features.out_features, outputs))
+
+
+def head_outputs(ways: int, train_ways: int | None) -> int:
+    """Outputs of the linear head: one per class of the largest task the algorithm will see.
+
+    With ``train_ways > ways`` (Snell et al. 2017 train with more ways than they test) an N-way
+    task uses the first N outputs (:func:`task_logits`). Labels are re-drawn for every task, so
+    every output is trained on every class and the first N are as good as any N.
+    """
+    return max(ways, train_ways or ways)
+
+
+def task_logits(logits: torch.Tensor, ways: int) -> torch.Tensor:
+    """``logits [n, outputs]`` restricted to the task's classes: ``[n, ways]``."""
+    return logits[:, :ways]
 
 
 class GradientBasedAlgorithm(Algorithm):
@@ -36,7 +51,8 @@ class GradientBasedAlgorithm(Algorithm):
         first_order: drop second-order terms of the meta-gradient.
         inner_steps: adaptation steps during meta-training.
         eval_inner_steps: adaptation steps at evaluation.
-        train_ways: ways of meta-training tasks; must equal ``ways`` (one head output per way).
+        train_ways: ways of meta-training tasks (``None``: ``ways``); the head is sized by
+            :func:`head_outputs`.
     """
 
     learnable: nn.Module
@@ -46,11 +62,6 @@ class GradientBasedAlgorithm(Algorithm):
         super().__init__(inner_steps, eval_inner_steps)
         if inner_lr < 0:
             raise ConfigError(f"algorithm.inner_lr must be >= 0, got {inner_lr}")
-        if train_ways is not None and train_ways != ways:
-            raise ConfigError(
-                f"train_ways={train_ways} but ways={ways}: a gradient-based learner's head has one output per "
-                f"way, so both must be equal for this algorithm"
-            )
         self.first_order = first_order
 
     def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +84,9 @@ class GradientBasedAlgorithm(Algorithm):
         yield self.learner(adapted)
         for _ in range(steps):
             with torch.enable_grad():
-                loss = nn.functional.cross_entropy(adapted(inputs), support.y)
+                loss = nn.functional.cross_entropy(task_logits(adapted(inputs), support.ways), support.y)
                 adapted.adapt(loss, first_order=self.first_order or not meta_gradients)
             yield self.learner(adapted)
 
     def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
-        return classification_result(learner(query.x), query.y)
+        return classification_result(task_logits(learner(query.x), query.ways), query.y)

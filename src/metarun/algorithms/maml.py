@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.gradient import GradientBasedAlgorithm, classifier
+from metarun.algorithms.gradient import GradientBasedAlgorithm, classifier, head_outputs
 
 
 class MAML(GradientBasedAlgorithm):
@@ -24,10 +24,11 @@ class MAML(GradientBasedAlgorithm):
         first_order: drop second-order terms of the meta-gradient.
         inner_steps: adaptation steps during meta-training.
         eval_inner_steps: adaptation steps at evaluation.
-        train_ways: ways of meta-training tasks; must equal ``ways``.
+        train_ways: ways of meta-training tasks (``None``: ``ways``); see ``head_outputs``.
     """
 
     def __init__(self, features: nn.Module, ways: int, inner_lr: float = 0.4, first_order: bool = False,
                  inner_steps: int = 1, eval_inner_steps: int = 3, train_ways: int | None = None) -> None:
         super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways)
-        self.learnable = l2l.algorithms.MAML(classifier(features, ways), lr=inner_lr, first_order=first_order)
+        self.learnable = l2l.algorithms.MAML(classifier(features, head_outputs(ways, train_ways)), lr=inner_lr,
+                                             first_order=first_order)

@@ -80,11 +80,18 @@ class ImageClasses:
 
 @dataclass
 class ClassSplits:
-    """Disjoint class splits: meta-train, meta-validation and meta-test classes."""
+    """Disjoint class splits: meta-train, meta-validation and meta-test classes.
+
+    Attributes:
+        within_group: every task draws all its classes from one group (one alphabet): Lake et
+            al.'s and Koch et al.'s (2015) within-alphabet protocol. Otherwise classes are drawn
+            from the whole split.
+    """
 
     train: ImageClasses
     val: ImageClasses
     test: ImageClasses
+    within_group: bool = False
 
     def items(self) -> list[tuple[str, ImageClasses]]:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
@@ -168,6 +175,30 @@ def split_by_names(classes: ImageClasses, names: dict[str, list[str]]) -> ClassS
             raise DatasetError(f"class {sorted(twice)[0]!r} is listed in two splits; the split lists must be disjoint")
         seen.update(wanted)
         parts.append(classes.subset([index[n] for n in wanted]))
+    return ClassSplits(*parts)
+
+
+def split_by_groups(classes: ImageClasses, groups: dict[str, list[str]]) -> ClassSplits:
+    """Cut ``classes`` by group: every class of a group listed under ``"train"`` goes to train, etc.
+
+    Koch et al. (2015) split Omniglot this way, by alphabet, so that no test alphabet is seen in
+    training.
+
+    Raises:
+        DatasetError: a listed group has no classes, or a group is listed twice.
+    """
+    present = set(classes.groups)
+    seen: set[str] = set()
+    parts = []
+    for split in ("train", "val", "test"):
+        wanted = set(groups[split])
+        missing = sorted(wanted - present)
+        if missing:
+            raise DatasetError(f"group {missing[0]!r} of the {split} split is not in the dataset; check the split")
+        if seen & wanted:
+            raise DatasetError(f"group {sorted(seen & wanted)[0]!r} is listed in two splits; they must be disjoint")
+        seen |= wanted
+        parts.append(classes.subset([i for i, g in enumerate(classes.groups) if g in wanted]))
     return ClassSplits(*parts)
 
 

@@ -31,6 +31,7 @@ The generated classes are cached as a torch file named by a hash of the generati
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -155,6 +156,8 @@ def load_glyphs(
     split_sizes: tuple[int, int, int] | list[int] = (800, 100, -1),
     split_seed: int = 1,
     rotations: bool = False,
+    within_group: bool = False,
+    channels: int = 1,
 ) -> ClassSplits:
     """Glyph classes, cut into train/val/test classes (the ``_target_`` of ``conf/dataset/glyphs.yaml``).
 
@@ -173,6 +176,8 @@ def load_glyphs(
         split_seed: seed of the class shuffle before the cut (:func:`split_by_seed`).
         rotations: add copies rotated by 90, 180 and 270 degrees to every split as new classes
             (MAML's Omniglot protocol), which multiplies each split's class count by 4.
+        within_group: draw every task's classes from one alphabet (Koch et al. 2015's protocol).
+        channels: must be 1 (glyphs are greyscale); the backbones read it from the config.
 
     Returns:
         ClassSplits whose images are uint8 ``[N, 1, image_size, image_size]``.
@@ -181,6 +186,8 @@ def load_glyphs(
         DatasetError: an argument is out of range, or the split does not fit the classes.
     """
     _check_generation_args(num_alphabets, characters_per_alphabet, samples_per_class, image_size, seed)
+    if channels != 1:
+        raise DatasetError(f"glyphs have 1 channel, got dataset.channels={channels}; set dataset.channels=1")
     split_sizes = check_split_sizes(split_sizes)
     if not isinstance(split_seed, int) or isinstance(split_seed, bool):
         raise DatasetError(f"dataset.split_seed must be an int, got {split_seed!r}")
@@ -192,7 +199,8 @@ def load_glyphs(
         "seed": seed,
     }
     classes = cached_classes(_cache_path(cache_dir, params), lambda: generate_glyphs(**params), "glyph")
-    return split_by_seed(classes, split_sizes, split_seed, rotations)
+    splits = split_by_seed(classes, split_sizes, split_seed, rotations)
+    return dataclasses.replace(splits, within_group=within_group)
 
 
 # --------------------------------------------------------------------------------------------

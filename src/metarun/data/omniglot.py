@@ -20,12 +20,14 @@ user's data except the zips that ``download=True`` fetches.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import io
 import json
 import logging
 import os
+import random
 import re
 import time
 import urllib.request
@@ -46,6 +48,7 @@ from metarun.data.base import (
     ImageClasses,
     cached_classes,
     check_split_sizes,
+    split_by_groups,
     split_by_names,
     split_by_seed,
     with_rotations,
@@ -73,7 +76,15 @@ PARTS = tuple(OMNIGLOT_FILES)
 # torchvision's Omniglot dataset keeps its files in this subfolder of its root.
 TORCHVISION_SUBDIR = "omniglot-py"
 
-SPLITS = ("maml", "vinyals")
+SPLITS = ("maml", "vinyals", "alphabets")
+
+# The 20 alphabets of images_evaluation: the test alphabets of Lake et al.'s and Koch et al.'s
+# (2015) one-shot protocol. The other 30 (images_background) are for training and validation.
+EVALUATION_ALPHABETS = (
+    "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez", "Glagolitic", "Gurmukhi",
+    "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian", "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti",
+    "Syriac_(Serto)", "Tengwar", "Tibetan", "ULOG",
+)
 
 # Bump when the decoding or the cache layout changes: it is part of the cache key, so old caches
 # are simply not found any more (and can be deleted by hand).
@@ -98,6 +109,9 @@ def load_omniglot(
     split_sizes: tuple[int, int, int] | list[int] = (1100, 100, 423),
     split_dir: str | None = None,
     cache_dir: str | None = None,
+    val_alphabets: int = 10,
+    within_group: bool = False,
+    channels: int = 1,
 ) -> ClassSplits:
     """Omniglot (Lake et al. 2015) cut into meta-train, meta-validation and meta-test classes.
 
@@ -111,6 +125,13 @@ def load_omniglot(
       ``train.txt``, ``val.txt`` and ``test.txt`` (one class name per line). When the names end in
       ``/rotNNN`` the rotated classes are built first and then selected by name, so the files
       alone decide which rotations exist and ``rotations`` must not be ``False``.
+    * ``split="alphabets"`` (Koch et al. 2015): by alphabet. The 20 evaluation alphabets are the
+      test split; the 30 background alphabets are shuffled with ``split_seed`` and
+      ``val_alphabets`` of them (Koch: 10) become the validation split, the rest train.
+      Rotations, if on, are added per split as for ``maml``.
+
+    With ``within_group`` every task's classes come from one alphabet (Koch's 20-way
+    within-alphabet one-shot task); this works with every split.
 
     Args:
         root: folder holding ``images_background`` and ``images_evaluation`` as folders or as the
@@ -124,6 +145,9 @@ def load_omniglot(
         split_sizes: train/val/test class counts of the ``maml`` split, before rotations; ``-1``
             for test means "all the rest".
         split_dir: folder with the ``vinyals`` split lists.
+        val_alphabets: background alphabets held out for validation by the ``alphabets`` split.
+        within_group: draw every task's classes from one alphabet.
+        channels: must be 1 (Omniglot is greyscale); the backbones read it from the config.
         cache_dir: where the decoded images are cached; ``None`` means ``$METARUN_CACHE`` or
             ``~/.cache/metarun``.
 
@@ -137,8 +161,10 @@ def load_omniglot(
             fit together.
     """
     # Check the cheap things (split arguments, split files) before decoding 32460 images.
-    if split == "maml":
-        sizes = check_split_sizes(split_sizes)
+    if channels != 1:
+        raise DatasetError(f"Omniglot images have 1 channel, got dataset.channels={channels}; set dataset.channels=1")
+    if split in ("maml", "alphabets"):
+        sizes = check_split_sizes(split_sizes) if split == "maml" else None
         names, rotated = None, False
     elif split == "vinyals":
         names = _read_split_lists(split_dir)
@@ -152,12 +178,15 @@ def load_omniglot(
     else:
         raise DatasetError(
             f"unknown Omniglot split {split!r}; valid splits: 'maml' (Finn et al. 2017, seeded) or "
-            "'vinyals' (Vinyals et al. 2016, needs dataset.split_dir)"
+            "'vinyals' (Vinyals et al. 2016, needs dataset.split_dir) or 'alphabets' (Koch et al. 2015)"
         )
 
     classes = load_omniglot_classes(root, download=download, image_size=image_size, cache_dir=cache_dir)
 
-    if names is None:
+    if split == "alphabets":
+        splits = _split_by_alphabets(classes, val_alphabets, split_seed, rotations)
+        description = f"alphabets split (seed {split_seed}{', with rotations' if rotations else ''})"
+    elif names is None:
         splits = split_by_seed(classes, sizes, split_seed, rotations)
         description = f"maml split (seed {split_seed}{', with rotations' if rotations else ''})"
     else:
@@ -176,6 +205,23 @@ def load_omniglot(
         splits.val.num_classes,
         splits.test.num_classes,
     )
+    return dataclasses.replace(splits, within_group=within_group)
+
+
+def _split_by_alphabets(classes: ImageClasses, val_alphabets: int, seed: int, rotations: bool) -> ClassSplits:
+    """Koch et al.'s (2015) split: background alphabets -> train/val (seeded), evaluation alphabets -> test."""
+    background = sorted(set(classes.groups) - set(EVALUATION_ALPHABETS))
+    if not 1 <= val_alphabets < len(background):
+        raise DatasetError(
+            f"dataset.val_alphabets={val_alphabets} but there are {len(background)} background alphabets; "
+            "choose a number between 1 and one less than that"
+        )
+    random.Random(seed).shuffle(background)
+    groups = {"train": background[val_alphabets:], "val": background[:val_alphabets],
+              "test": [a for a in EVALUATION_ALPHABETS if a in set(classes.groups)]}
+    splits = split_by_groups(classes, groups)
+    if rotations:
+        splits = ClassSplits(*(with_rotations(part) for _, part in splits.items()))
     return splits
 
 
