@@ -116,5 +116,5 @@ def test_a_head_wider_than_the_task_gives_the_same_learner_as_a_head_of_the_task
         wide.learnable.module[1].bias[:2].copy_(torch.tensor(W[:, 3]))
     narrow_results = narrow.run_task(task, 2, every_step=True)
     wide_results = wide.run_task(task, 2, every_step=True)
-    for a, b in zip(narrow_results, wide_results):
+    for a, b in zip(narrow_results, wide_results, strict=True):
         assert torch.allclose(a.loss, b.loss, atol=1e-12) and torch.equal(a.accuracy, b.accuracy)

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-
 from learn2learn.data.task_dataset import DataDescription
 
 from metarun._learn2learn import l2l
