@@ -17,6 +17,7 @@ from metarun.backbones import MLP, Conv4
 from metarun.build import build_algorithm, build_data, resolve_device
 from metarun.cli import user_error
 from metarun.data.base import ClassSplits
+from metarun.objectives import Classification
 
 
 def options(group: str) -> list[str]:
@@ -83,9 +84,10 @@ def test_glyphs_dataset_instantiates_into_task_samplers(compose_cfg):
     cfg = compose_cfg()
     splits = instantiate(cfg.dataset, _convert_="all")
     assert isinstance(splits, ClassSplits)
-    train, val, test = build_data(cfg, torch.device("cpu"))
+    train, val, test, objective = build_data(cfg, torch.device("cpu"))
     assert len(val) == cfg.eval.val_tasks and len(test) == cfg.eval.tasks
     assert train.sample().support.x.shape == (5, 1, 28, 28)
+    assert isinstance(objective, Classification)
 
 
 def preset(name: str):

@@ -108,7 +108,7 @@ def test_a_head_wider_than_the_task_gives_the_same_learner_as_a_head_of_the_task
         wide = MAML(Identity3(), ways=2, train_ways=5, inner_lr=ALPHA, inner_steps=1)
     finally:
         torch.set_default_dtype(torch.float32)
-    assert wide.learnable.module[1].out_features == 5
+    assert wide.head_outputs == 5 and wide.learnable.module[1].out_features == 5
     with torch.no_grad():
         narrow.learnable.module[1].weight.copy_(torch.tensor(W[:, :3]))
         narrow.learnable.module[1].bias.copy_(torch.tensor(W[:, 3]))

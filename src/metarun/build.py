@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun import config
 from metarun.algorithms.base import Algorithm, ConfigError
 from metarun.data.base import ClassSplits
+from metarun.objectives import Classification, Objective
 from metarun.tasks import FixedTasks, TaskSampler
 from metarun.tracking import ConsoleTracker, FileTracker, Tracker, Trackers
 
@@ -58,8 +59,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_data(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, FixedTasks, FixedTasks]:
-    """The training task sampler and the fixed validation and test tasks.
+def build_data(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, FixedTasks, FixedTasks, Objective]:
+    """The training task sampler, the fixed validation and test tasks, and the tasks' objective.
 
     ``cfg.augment`` (a config group, default none) transforms the training tasks' images only.
     """
@@ -74,12 +75,16 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, Fixe
         train,
         val.fixed_tasks(cfg.eval.val_tasks, seed=cfg.seed + VAL_TASK_SEED_OFFSET),
         test.fixed_tasks(cfg.eval.tasks, seed=cfg.seed + TEST_TASK_SEED_OFFSET),
+        splits.objective,
     )
 
 
-def build_algorithm(cfg: DictConfig, device: torch.device) -> tuple[Algorithm, torch.optim.Optimizer]:
+def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective | None = None
+                    ) -> tuple[Algorithm, torch.optim.Optimizer]:
+    """The algorithm (on ``device``) and its meta-optimizer; ``objective`` comes from the dataset."""
     features = instantiate(cfg.backbone)
-    algorithm = instantiate(cfg.algorithm, features=features, ways=cfg.ways, train_ways=cfg.train_ways)
+    algorithm = instantiate(cfg.algorithm, features=features, ways=cfg.ways, train_ways=cfg.train_ways,
+                            objective=objective or Classification())
     algorithm = algorithm.to(device)
     optimizer = instantiate(cfg.optimizer)(params=algorithm.parameters())
     return algorithm, optimizer
@@ -105,7 +110,7 @@ def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | No
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    algorithm, optimizer = build_algorithm(cfg, device)
-    train_sampler, val_tasks, test_tasks = build_data(cfg, device)
+    train_sampler, val_tasks, test_tasks, objective = build_data(cfg, device)
+    algorithm, optimizer = build_algorithm(cfg, device, objective)
     tracker = build_tracker(cfg, output_dir, wandb_defaults)
     return Parts(device, algorithm, optimizer, train_sampler, val_tasks, test_tasks, tracker)

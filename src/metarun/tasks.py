@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from learn2learn.data.task_dataset import DataDescription
 
 from metarun._learn2learn import l2l
 from metarun.data.base import DatasetError, ImageClasses
@@ -99,7 +98,7 @@ class OneGroup(l2l.data.transforms.TaskTransform):
         if task_description is not None:
             raise ValueError("OneGroup must be the first task transform")
         labels_to_indices = self.dataset.labels_to_indices
-        return [DataDescription(i) for label in random.choice(self.groups) for i in labels_to_indices[label]]
+        return [l2l.data.task_dataset.DataDescription(i) for label in random.choice(self.groups) for i in labels_to_indices[label]]
 
 
 class TaskSampler:

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.gradient import GradientBasedAlgorithm, head_outputs
+from metarun.algorithms.gradient import GradientBasedAlgorithm
+from metarun.objectives import Objective
 
 
 class ANIL(GradientBasedAlgorithm):
@@ -23,14 +24,16 @@ class ANIL(GradientBasedAlgorithm):
         first_order: drop second-order terms of the meta-gradient.
         inner_steps: adaptation steps during meta-training.
         eval_inner_steps: adaptation steps at evaluation.
-        train_ways: ways of meta-training tasks (``None``: ``ways``); see ``head_outputs``.
+        train_ways: ways of meta-training tasks (``None``: ``ways``).
+        objective: the task's loss and metrics (default: classification).
     """
 
     def __init__(self, features: nn.Module, ways: int, inner_lr: float = 0.1, first_order: bool = False,
-                 inner_steps: int = 1, eval_inner_steps: int = 3, train_ways: int | None = None) -> None:
-        super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways)
+                 inner_steps: int = 1, eval_inner_steps: int = 3, train_ways: int | None = None,
+                 objective: Objective | None = None) -> None:
+        super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways, objective)
         self.features = features
-        self.learnable = l2l.algorithms.MAML(nn.Linear(features.out_features, head_outputs(ways, train_ways)), lr=inner_lr,
+        self.learnable = l2l.algorithms.MAML(nn.Linear(features.out_features, self.head_outputs), lr=inner_lr,
                                              first_order=first_order)
 
     def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:

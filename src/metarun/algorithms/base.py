@@ -25,29 +25,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from metarun.objectives import TaskResult
 from metarun.tasks import Task, TaskSplit
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work. The message is one line for the user."""
-
-
-@dataclass
-class TaskResult:
-    """Query metrics of one learner on one task.
-
-    Attributes:
-        loss: scalar tensor, differentiable w.r.t. the meta-parameters when gradients are enabled.
-        accuracy: scalar tensor in [0, 1], or None for methods without classes (regression).
-    """
-
-    loss: torch.Tensor
-    accuracy: torch.Tensor | None
 
 
 class Algorithm(nn.Module, ABC):
@@ -107,10 +94,3 @@ class Algorithm(nn.Module, ABC):
     def meta_loss(self, results: list[TaskResult]) -> torch.Tensor:
         """The loss the outer loop minimises for one task: the final learner's query loss."""
         return results[-1].loss
-
-
-def classification_result(logits: torch.Tensor, labels: torch.Tensor) -> TaskResult:
-    """Cross-entropy and accuracy of ``logits [n, ways]`` against ``labels [n]``."""
-    loss = nn.functional.cross_entropy(logits, labels)
-    accuracy = (logits.argmax(dim=1) == labels).float().mean()
-    return TaskResult(loss=loss, accuracy=accuracy)

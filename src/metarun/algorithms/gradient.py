@@ -13,28 +13,14 @@ import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.base import Algorithm, ConfigError, TaskResult, classification_result
+from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.objectives import Classification, Objective, TaskResult
 from metarun.tasks import TaskSplit
 
 
 def classifier(features: nn.Module, outputs: int) -> nn.Sequential:
-    """``features`` followed by a linear head: ``[B, C, H, W] -> [B, outputs]`` logits."""
+    """``features`` followed by a linear head: ``[B, ...] -> [B, outputs]``."""
     return nn.Sequential(features, nn.Linear(features.out_features, outputs))
-
-
-def head_outputs(ways: int, train_ways: int | None) -> int:
-    """Outputs of the linear head: one per class of the largest task the algorithm will see.
-
-    With ``train_ways > ways`` (Snell et al. 2017 train with more ways than they test) an N-way
-    task uses the first N outputs (:func:`task_logits`). Labels are re-drawn for every task, so
-    every output is trained on every class and the first N are as good as any N.
-    """
-    return max(ways, train_ways or ways)
-
-
-def task_logits(logits: torch.Tensor, ways: int) -> torch.Tensor:
-    """``logits [n, outputs]`` restricted to the task's classes: ``[n, ways]``."""
-    return logits[:, :ways]
 
 
 class GradientBasedAlgorithm(Algorithm):
@@ -51,18 +37,25 @@ class GradientBasedAlgorithm(Algorithm):
         first_order: drop second-order terms of the meta-gradient.
         inner_steps: adaptation steps during meta-training.
         eval_inner_steps: adaptation steps at evaluation.
-        train_ways: ways of meta-training tasks (``None``: ``ways``); the head is sized by
-            :func:`head_outputs`.
+        train_ways: ways of meta-training tasks (``None``: ``ways``).
+        objective: the task's loss and metrics (classification unless the dataset says otherwise).
+
+    Attributes:
+        head_outputs: outputs the subclass's head must have: one per class of the largest task
+            (``max(ways, train_ways)``; an N-way task reads the first N), or the regression
+            target's dimension.
     """
 
     learnable: nn.Module
 
     def __init__(self, ways: int, inner_lr: float, first_order: bool, inner_steps: int, eval_inner_steps: int,
-                 train_ways: int | None) -> None:
+                 train_ways: int | None, objective: Objective | None) -> None:
         super().__init__(inner_steps, eval_inner_steps)
         if inner_lr < 0:
             raise ConfigError(f"algorithm.inner_lr must be >= 0, got {inner_lr}")
         self.first_order = first_order
+        self.objective = objective or Classification()
+        self.head_outputs = self.objective.outputs(max(ways, train_ways or ways))
 
     def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What ``self.learnable`` takes during adaptation: the images themselves by default."""
@@ -84,9 +77,9 @@ class GradientBasedAlgorithm(Algorithm):
         yield self.learner(adapted)
         for _ in range(steps):
             with torch.enable_grad():
-                loss = nn.functional.cross_entropy(task_logits(adapted(inputs), support.ways), support.y)
+                loss = self.objective.loss(adapted(inputs), support)
                 adapted.adapt(loss, first_order=self.first_order or not meta_gradients)
             yield self.learner(adapted)
 
     def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
-        return classification_result(task_logits(learner(query.x), query.ways), query.y)
+        return self.objective.result(learner(query.x), query)

@@ -12,13 +12,14 @@ import logging
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from metarun.checkpoint import atomic_save
 from metarun.errors import one_line
+from metarun.objectives import Classification, Objective
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,14 @@ class ClassSplits:
         within_group: every task draws all its classes from one group (one alphabet): Lake et
             al.'s and Koch et al.'s (2015) within-alphabet protocol. Otherwise classes are drawn
             from the whole split.
+        objective: what the tasks ask for; labelled classes are classification.
     """
 
     train: ImageClasses
     val: ImageClasses
     test: ImageClasses
     within_group: bool = False
+    objective: Objective = field(default_factory=Classification)
 
     def items(self) -> list[tuple[str, ImageClasses]]:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
