@@ -53,9 +53,19 @@ def test_paper_backbone_sizes(compose_cfg):
 
 @pytest.mark.parametrize("pool", ["stride", "max"])
 @pytest.mark.parametrize("size", [28, 30, 84])
-def test_conv4_out_features_match_a_forward_pass(pool, size):
-    net = Conv4(hidden=8, image_size=size, pool=pool, flatten=True)
-    assert net(torch.rand(2, 1, size, size)).shape == (2, net.out_features)
+@pytest.mark.parametrize("pooled", [(4, 1), (2, 0), (2, 1)], ids=["all-pooled", "sung", "two-pooled"])
+def test_conv4_out_features_and_map_shape_match_a_forward_pass(pool, size, pooled):
+    net = Conv4(hidden=8, image_size=size, pool=pool, flatten=True, pooled_blocks=pooled[0], pooled_padding=pooled[1])
+    x = torch.rand(2, 1, size, size)
+    assert net(x).shape == (2, net.out_features)
+    assert net.feature_maps(x).shape == (2, *net.map_shape)
+
+
+def test_relation_network_embedding_sizes():
+    """Sung et al. (2018): 64 x 5 x 5 maps for 28x28 Omniglot, 64 x 19 x 19 for 84x84 mini-ImageNet."""
+    assert Conv4(image_size=28, pool="max", pooled_blocks=2, pooled_padding=0).map_shape == (64, 5, 5)
+    assert Conv4(in_channels=3, image_size=84, pool="max", pooled_blocks=2, pooled_padding=0).map_shape == (64, 19, 19)
+    assert MLP().map_shape == (64, 1, 1)
 
 
 def test_building_a_backbone_leaves_batchnorm_statistics_untouched():

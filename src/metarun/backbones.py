@@ -1,5 +1,8 @@
 """Feature extractors. Each maps ``[B, C, H, W]`` images to ``[B, out_features]`` features.
 
+Methods that compare feature *maps* (the Relation Network) call ``feature_maps`` instead, which
+every backbone has: ``[B, C, H, W] -> [B, *map_shape]`` (a vector backbone gives 1x1 maps).
+
 Algorithms add their own heads (a linear classifier for the gradient-based family), so a
 backbone never knows the number of ways. BatchNorm layers keep running statistics during
 meta-training; whether evaluation uses them or the batch statistics is the run option
@@ -26,41 +29,56 @@ class Conv4(nn.Module):
         image_size: input height and width, used to size the output.
         pool: ``"stride"`` or ``"max"``.
         flatten: flatten the last feature map instead of averaging it spatially.
+        pooled_blocks: how many of the 4 blocks (the first ones) downsample; the others keep the
+            size. The Relation Network's embedding (Sung et al. 2018) pools in the first 2 only.
+        pooled_padding: padding of the downsampling blocks' convolutions (Sung et al.: 0); the
+            other blocks pad by 1.
 
-    Shapes: ``[B, in_channels, image_size, image_size] -> [B, out_features]``.
+    Shapes: ``[B, in_channels, image_size, image_size] -> [B, out_features]``;
+    ``feature_maps``: ``-> [B, hidden, side, side]`` (``map_shape``).
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
-                 pool: str = "stride", flatten: bool = False) -> None:
+                 pool: str = "stride", flatten: bool = False, pooled_blocks: int = 4, pooled_padding: int = 1) -> None:
         super().__init__()
         if pool not in ("stride", "max"):
             raise ValueError(f"backbone.pool must be 'stride' or 'max', got {pool!r}")
+        if not 0 <= pooled_blocks <= 4 or pooled_padding not in (0, 1):
+            raise ValueError(f"backbone.pooled_blocks must be 0..4 and pooled_padding 0 or 1, got "
+                             f"{pooled_blocks}/{pooled_padding}")
         blocks = []
         channels = in_channels
-        for _ in range(4):
-            stride = 2 if pool == "stride" else 1
-            blocks += [
-                nn.Conv2d(channels, hidden, kernel_size=3, stride=stride, padding=1),
-                nn.BatchNorm2d(hidden),
-                nn.ReLU(),
-            ]
-            if pool == "max":
-                blocks.append(nn.MaxPool2d(2))
-            channels = hidden
-        self.blocks = nn.Sequential(*blocks)
-        self.flatten = flatten
         # Computed, not measured with a dummy forward pass: that pass would run BatchNorm in train
         # mode and move its running statistics before training starts.
         side = image_size
-        for _ in range(4):
-            side = (side + 1) // 2 if pool == "stride" else side // 2  # 3x3 stride-2 pad-1 conv | 2x2 pool
+        for block in range(4):
+            downsample = block < pooled_blocks
+            stride = 2 if downsample and pool == "stride" else 1
+            padding = pooled_padding if downsample else 1
+            blocks += [
+                nn.Conv2d(channels, hidden, kernel_size=3, stride=stride, padding=padding),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(),
+            ]
+            side = (side + 2 * padding - 3) // stride + 1  # 3x3 convolution
+            if downsample and pool == "max":
+                blocks.append(nn.MaxPool2d(2))
+                side //= 2
+            channels = hidden
+        if side < 1:
+            raise ValueError(f"backbone.image_size={image_size} is too small for this Conv4; use larger images")
+        self.blocks = nn.Sequential(*blocks)
+        self.flatten = flatten
+        self.map_shape = (hidden, side, side)
         self.out_features = hidden * side * side if flatten else hidden
 
-    def _pool(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps.flatten(1) if self.flatten else maps.mean(dim=(2, 3))
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, *map_shape]``: the last block's maps, before pooling."""
+        return self.blocks(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._pool(self.blocks(x))
+        maps = self.blocks(x)
+        return maps.flatten(1) if self.flatten else maps.mean(dim=(2, 3))
 
 
 class MLP(nn.Module):
@@ -82,6 +100,11 @@ class MLP(nn.Module):
             size = width
         self.layers = nn.Sequential(*layers)
         self.out_features = size
+        self.map_shape = (size, 1, 1)
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, ...] -> [B, out_features, 1, 1]``: the features as 1x1 maps."""
+        return self.layers(x)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
