@@ -29,8 +29,9 @@ def test_algorithm_options_instantiate(compose_cfg, name):
     cfg = compose_cfg(f"algorithm={name}")
     algorithm, optimizer = build_algorithm(cfg, torch.device("cpu"))
     assert isinstance(algorithm, Algorithm)
-    assert algorithm.inner_steps == cfg.algorithm.inner_steps
-    assert algorithm.eval_inner_steps == cfg.algorithm.eval_inner_steps
+    # Methods without an inner loop have no such options and take 0 steps.
+    assert algorithm.inner_steps == cfg.algorithm.get("inner_steps", 0)
+    assert algorithm.eval_inner_steps == cfg.algorithm.get("eval_inner_steps", 0)
 
 
 @pytest.mark.parametrize("name", options("backbone"))

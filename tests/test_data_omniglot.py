@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from metarun.data import omniglot
 from metarun.data.base import DatasetError
-from metarun.data.omniglot import load_omniglot, load_omniglot_classes
+from metarun.data.omniglot import EVALUATION_ALPHABETS, load_omniglot, load_omniglot_classes
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VINYALS_SPLIT_DIR = SHARED_DATA / "splits" / "omniglot_vinyals"
@@ -559,3 +559,44 @@ def test_real_omniglot_vinyals_split(real_omniglot: tuple[Path, str]) -> None:
         assert part.num_classes == len(lines)
         assert part.samples_per_class().eq(20).all()
     assert [s.num_classes for _, s in splits.items()] == [4112, 688, 1692]
+
+
+def test_alphabets_split_is_by_alphabet_and_seeded(
+    fake_folders: Path, cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Koch et al.'s split: evaluation alphabets are the test split; background alphabets are cut into train/val."""
+    monkeypatch.setattr("metarun.data.omniglot.EVALUATION_ALPHABETS", ("Gamma",))
+    splits = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations=False,
+                           within_group=True, cache_dir=cache)
+    assert set(splits.test.groups) == {"Gamma"} and splits.test.num_classes == 3
+    assert {*splits.train.groups, *splits.val.groups} == {"Alpha", "Beta"}
+    assert len(set(splits.train.groups)) == 1 and len(set(splits.val.groups)) == 1
+    assert splits.within_group
+    seeds = {tuple(load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations=False,
+                                 split_seed=seed, cache_dir=cache).val.groups[:1]) for seed in range(8)}
+    assert seeds == {("Alpha",), ("Beta",)}, "the seed decides which background alphabets validate"
+    rotated = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, cache_dir=cache)
+    assert rotated.test.num_classes == 12 and set(rotated.test.groups) == {"Gamma"}
+
+
+def test_alphabets_split_errors(fake_folders: Path, cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DatasetError, match="evaluation alphabets"):  # the fake has none of the real names
+        load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, cache_dir=cache)
+    monkeypatch.setattr("metarun.data.omniglot.EVALUATION_ALPHABETS", ("Gamma",))
+    with pytest.raises(DatasetError, match=r"val_alphabets=2 but there are 2 background alphabets"):
+        load_omniglot(str(fake_folders), split="alphabets", val_alphabets=2, cache_dir=cache)
+
+
+@pytest.mark.data
+def test_real_omniglot_alphabets_split_and_within_alphabet_tasks(real_omniglot: tuple[Path, str]) -> None:
+    from metarun.tasks import TaskSampler
+
+    root, cache_dir = real_omniglot
+    splits = load_omniglot(str(root), split="alphabets", rotations=False, within_group=True, cache_dir=cache_dir)
+    assert len(set(splits.train.groups)) == 30 - 10 and len(set(splits.val.groups)) == 10
+    assert splits.train.num_classes + splits.val.num_classes == 964 and splits.test.num_classes == 659
+    assert set(splits.test.groups) == set(EVALUATION_ALPHABETS)
+    sampler = TaskSampler(splits.test, ways=20, shots=1, query_shots=1, within_group=splits.within_group)
+    for index, label in (sampler.sample_indices() for _ in range(20)):
+        alphabets = {splits.test.groups[int(splits.test.labels[i])] for i in index}
+        assert len(alphabets) == 1 and len(set(label.tolist())) == 20

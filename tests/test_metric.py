@@ -176,7 +176,7 @@ def test_siamese_classifies_a_query_by_its_most_similar_support_image():
 # Learning checks
 # ---------------------------------------------------------------------------------------------
 
-LEARNING_RUN = ["dataset=glyphs", "iterations=100", "meta_batch_size=8", "eval_every=50", "eval.val_tasks=30",
+LEARNING_RUN = ["iterations=100", "meta_batch_size=8", "eval_every=50", "eval.val_tasks=30",
                 "eval.tasks=100"]
 
 
@@ -204,6 +204,25 @@ def trained_and_untrained(compose_cfg, tmp_path, *overrides: str) -> tuple[float
     ("siamese", ["train_query_shots=5", "algorithm.embedding_dim=null"]),
 ])
 def test_metric_methods_learn_glyphs(compose_cfg, tmp_path, algorithm, overrides):
-    trained, untrained = trained_and_untrained(compose_cfg, tmp_path, f"algorithm={algorithm}", *overrides)
+    trained, untrained = trained_and_untrained(compose_cfg, tmp_path, "dataset=glyphs", f"algorithm={algorithm}",
+                                               *overrides)
     assert trained > untrained + 0.15, f"{algorithm}: {untrained:.3f} before training, {trained:.3f} after"
     assert trained > 0.2 + 0.35  # 5-way chance is 0.2
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,overrides,floor", [
+    ("protonet", ["train_ways=20", "train_query_shots=5"], 0.9),
+    ("matching", ["train_query_shots=5"], 0.8),
+    ("matching_fce", ["train_query_shots=5"], 0.8),
+    ("relation", ["backbone=conv4_relation", "train_query_shots=5"], 0.8),
+    ("siamese", ["train_query_shots=5", "algorithm.embedding_dim=null"], 0.7),
+])
+def test_metric_methods_learn_real_omniglot_5w1s(compose_cfg, tmp_path, omniglot_root, algorithm, overrides, floor):
+    trained, untrained = trained_and_untrained(
+        compose_cfg, tmp_path, "dataset=omniglot", f"dataset.root={omniglot_root}", f"algorithm={algorithm}",
+        "iterations=300", "eval_every=100", *overrides,
+    )
+    assert trained > untrained + 0.1, f"{algorithm}: {untrained:.3f} before training, {trained:.3f} after"
+    assert trained > floor, f"{algorithm}: {trained:.3f} after 300 iterations on Omniglot 5-way 1-shot"

@@ -124,6 +124,7 @@ def load_cifarfs(
     image_size: int = 32,
     channels: int = 3,
     cache_dir: str | None = None,
+    within_group: bool = False,
 ) -> ClassSplits:
     """CIFAR-FS (Bertinetto et al. 2019): 64/16/20 CIFAR-100 classes, uint8 ``[N, 3, S, S]``.
 
@@ -135,6 +136,7 @@ def load_cifarfs(
         image_size: side ``S`` (32 is the native size; others are resized).
         channels: must be 3.
         cache_dir: decoded-image cache; ``None`` means ``$METARUN_CACHE`` or ``~/.cache/metarun``.
+        within_group: draw every task's classes from one group (see Returns), as Koch et al. (2015) do.
 
     Returns:
         Class splits named by CIFAR-100 class name; each class is its own group.
@@ -159,7 +161,7 @@ def load_cifarfs(
     splits = split_by_names(classes, CIFARFS_SPLIT)
     for _, part in splits.items():
         part.groups = list(part.class_names)  # CIFAR-FS's split ignores superclasses
-    return decode.finish(splits, image_size, "CIFAR-FS")
+    return decode.finish(splits, image_size, "CIFAR-FS", within_group)
 
 
 def load_fc100(
@@ -170,6 +172,7 @@ def load_fc100(
     channels: int = 3,
     checksums: dict[str, str] | str | None = None,
     cache_dir: str | None = None,
+    within_group: bool = False,
 ) -> ClassSplits:
     """FC100 (Oreshkin et al. 2018): 60/20/20 CIFAR-100 classes of 12/4/4 superclasses, uint8 ``[N, 3, S, S]``.
 
@@ -182,6 +185,7 @@ def load_fc100(
         channels: must be 3.
         checksums: ``{file name: sha256}`` or a ``sha256sum`` file, for the FC100 pickles.
         cache_dir: decoded-image cache; ``None`` means ``$METARUN_CACHE`` or ``~/.cache/metarun``.
+        within_group: draw every task's classes from one group (see Returns), as Koch et al. (2015) do.
 
     Returns:
         Class splits named by CIFAR-100 class name, grouped by superclass.
@@ -195,9 +199,9 @@ def load_fc100(
         vouched = read_checksums(checksums)
         parts = [_load_fc100_pickle(base, split, with_checksums(FC100_PICKLES[split], vouched), image_size, cache_dir)
                  for split in ("train", "val", "test")]
-        return decode.finish(ClassSplits(*parts), image_size, "FC100")
+        return decode.finish(ClassSplits(*parts), image_size, "FC100", within_group)
     classes = load_cifar100_classes(base, download, image_size, cache_dir)
-    return decode.finish(split_by_names(classes, FC100_SPLIT), image_size, "FC100")
+    return decode.finish(split_by_names(classes, FC100_SPLIT), image_size, "FC100", within_group)
 
 
 def _has_release(base: Path) -> bool:

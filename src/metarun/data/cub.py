@@ -60,6 +60,7 @@ def load_cub(
     channels: int = 3,
     bounding_box: bool = False,
     cache_dir: str | None = None,
+    within_group: bool = False,
 ) -> ClassSplits:
     """CUB-200-2011 cut into train/val/test classes, uint8 ``[N, 3, S, S]`` images.
 
@@ -72,6 +73,7 @@ def load_cub(
         channels: must be 3.
         bounding_box: crop each image to its bounding box before resizing.
         cache_dir: decoded-image cache; ``None`` means ``$METARUN_CACHE`` or ``~/.cache/metarun``.
+        within_group: draw every task's classes from one group (see Returns), as Koch et al. (2015) do.
 
     Returns:
         Class splits named like ``"001.Black_footed_Albatross"``; each class is its own group.
@@ -81,7 +83,7 @@ def load_cub(
         raise DatasetError(f"unknown CUB split {split!r}; valid: {', '.join(SPLITS)}")
     folder = _locate(Path(root).expanduser().resolve(), download)
     classes = load_cub_classes(folder, image_size, bounding_box, cache_dir)
-    return decode.finish(split_by_names(classes, split_names(classes.class_names, split)), image_size, "CUB")
+    return decode.finish(split_by_names(classes, split_names(classes.class_names, split)), image_size, "CUB", within_group)
 
 
 def split_names(class_names: list[str], split: str) -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ under a key that hashes everything that determines the content (:func:`cache_key
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -127,8 +128,9 @@ def unpickle(path: Path, known: KnownFile) -> object:
         return pickle.load(fh, encoding="latin1")
 
 
-def finish(splits: ClassSplits, image_size: int, what: str) -> ClassSplits:
-    """Check the splits (disjoint class names, ``[N, 3, S, S]`` uint8 images) and log their sizes."""
+def finish(splits: ClassSplits, image_size: int, what: str, within_group: bool = False) -> ClassSplits:
+    """Check the splits (disjoint class names, ``[N, 3, S, S]`` uint8 images), log their sizes, and
+    set the ``within_group`` task option."""
     seen: dict[str, str] = {}
     for split, classes in splits.items():
         if tuple(classes.images.shape[1:]) != (3, image_size, image_size) or classes.images.dtype != torch.uint8:
@@ -145,7 +147,7 @@ def finish(splits: ClassSplits, image_size: int, what: str) -> ClassSplits:
         "%s: %d/%d/%d train/val/test classes, %d/%d/%d images",
         what, *(c.num_classes for _, c in splits.items()), *(c.images.shape[0] for _, c in splits.items()),
     )
-    return splits
+    return dataclasses.replace(splits, within_group=within_group)
 
 
 def read_class_folders(folder: Path, image_size: int, class_names: Iterable[str] | None = None) -> ImageClasses:

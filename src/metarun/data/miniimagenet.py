@@ -62,6 +62,7 @@ def load_miniimagenet(
     channels: int = 3,
     checksums: dict[str, str] | str | None = None,
     cache_dir: str | None = None,
+    within_group: bool = False,
 ) -> ClassSplits:
     """mini-ImageNet's 64/16/20 classes (Ravi & Larochelle 2017) as uint8 ``[N, 3, S, S]`` images.
 
@@ -74,6 +75,7 @@ def load_miniimagenet(
         channels: must be 3.
         checksums: ``{file name: sha256}`` or a ``sha256sum`` file, for files with no published checksum.
         cache_dir: decoded-image cache; ``None`` means ``$METARUN_CACHE`` or ``~/.cache/metarun``.
+        within_group: draw every task's classes from one group (see Returns), as Koch et al. (2015) do.
 
     Returns:
         Class splits whose class names are WordNet ids and whose groups are the classes themselves.
@@ -92,7 +94,7 @@ def load_miniimagenet(
     else:
         csv_dir = Path(split_dir).expanduser().resolve() if split_dir else base
         parts = [_load_folder_split(base, csv_dir, split, image_size, cache_dir) for split in SPLITS]
-    return decode.finish(ClassSplits(*parts), image_size, "mini-ImageNet")
+    return decode.finish(ClassSplits(*parts), image_size, "mini-ImageNet", within_group)
 
 
 def _choose_format(base: Path, format: str, download: bool) -> str:

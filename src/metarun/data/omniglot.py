@@ -216,9 +216,12 @@ def _split_by_alphabets(classes: ImageClasses, val_alphabets: int, seed: int, ro
             f"dataset.val_alphabets={val_alphabets} but there are {len(background)} background alphabets; "
             "choose a number between 1 and one less than that"
         )
+    evaluation = [a for a in EVALUATION_ALPHABETS if a in set(classes.groups)]
+    if not evaluation:
+        raise DatasetError("none of the 20 evaluation alphabets is in the data; the alphabets split needs the "
+                           "images_evaluation part of Omniglot")
     random.Random(seed).shuffle(background)
-    groups = {"train": background[val_alphabets:], "val": background[:val_alphabets],
-              "test": [a for a in EVALUATION_ALPHABETS if a in set(classes.groups)]}
+    groups = {"train": background[val_alphabets:], "val": background[:val_alphabets], "test": evaluation}
     splits = split_by_groups(classes, groups)
     if rotations:
         splits = ClassSplits(*(with_rotations(part) for _, part in splits.items()))

@@ -54,6 +54,7 @@ def load_tieredimagenet(
     channels: int = 3,
     checksums: dict[str, str] | str | None = None,
     cache_dir: str | None = None,
+    within_group: bool = False,
 ) -> ClassSplits:
     """tiered-ImageNet's 351/97/160 classes (Ren et al. 2018) as uint8 ``[N, 3, S, S]`` images.
 
@@ -66,6 +67,7 @@ def load_tieredimagenet(
         channels: must be 3.
         checksums: ``{file name: sha256}`` or a ``sha256sum`` file, for files with no published checksum.
         cache_dir: decoded-image cache; ``None`` means ``$METARUN_CACHE`` or ``~/.cache/metarun``.
+        within_group: draw every task's classes from one group (see Returns), as Koch et al. (2015) do.
 
     Returns:
         Class splits; class names are ``label_specific_str`` (pickles) or folder names, groups the
@@ -95,7 +97,7 @@ def load_tieredimagenet(
         parts = [_load_pickle_split(folder, split, vouched, download, image_size, cache_dir) for split in SPLITS]
     else:
         parts = [_load_folder_split(base / split, split, image_size, cache_dir) for split in SPLITS]
-    return decode.finish(ClassSplits(*parts), image_size, "tiered-ImageNet")
+    return decode.finish(ClassSplits(*parts), image_size, "tiered-ImageNet", within_group)
 
 
 def _load_pickle_split(
