@@ -33,6 +33,23 @@ def test_single_run_prints_per_step_table_and_writes_outputs(tmp_path):
     assert (out / "metrics.jsonl").is_file() and (out / "adaptation.png").is_file()
 
 
+def test_metric_method_with_wider_training_tasks_augmentation_and_within_alphabet_tasks(tmp_path):
+    """ProtoNet trained 8-way with 3 queries, Koch's distortions and one-alphabet tasks, tested 5-way: one
+    adaptation step (step 0) on the same keys as MAML."""
+    out = tmp_path / "run"
+    proc = run_cli(*tiny("algorithm=protonet", "train_ways=8", "train_query_shots=3", "augment=koch_affine",
+                         "dataset.within_group=true", f"hydra.run.dir={out}"),
+                   # two alphabets, so that every split has alphabets with 8 characters
+                   "dataset.num_alphabets=2", "dataset.characters_per_alphabet=30", "dataset.split_sizes=[20,20,-1]",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["curves"]["test"]["acc_mean"]) == 1 and results["eval_inner_steps"] == 0
+    assert results["config"]["train_ways"] == 8 and results["config"]["augment"]["_target_"] == "metarun.augment.Compose"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/acc" in row for row in rows)
+
+
 def test_multirun_sweeps_four_jobs_each_with_its_own_directory(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(

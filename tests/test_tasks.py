@@ -107,7 +107,7 @@ def test_without_within_group_tasks_mix_groups():
 
 
 def test_within_group_without_a_large_enough_group_is_one_clear_error():
-    with pytest.raises(DatasetError, match=r"ways=7 classes but the largest has 6.*within_group=false"):
+    with pytest.raises(DatasetError, match=r"ways=7 classes but the largest of the train split has 6.*within_group=false"):
         TaskSampler(grouped_classes(), ways=7, shots=1, query_shots=1, within_group=True)
 
 

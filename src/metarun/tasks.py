@@ -76,12 +76,14 @@ class OneGroup(l2l.data.transforms.TaskTransform):
         dataset: the learn2learn MetaDataset.
         class_groups: the group of every class (label).
         ways: classes a task needs; groups with fewer are never drawn.
+        split_name: for the error message.
 
     Raises:
         DatasetError: no group has ``ways`` classes.
     """
 
-    def __init__(self, dataset: l2l.data.MetaDataset, class_groups: list[str], ways: int) -> None:
+    def __init__(self, dataset: l2l.data.MetaDataset, class_groups: list[str], ways: int, split_name: str = "train"
+                 ) -> None:
         super().__init__(dataset)
         members: dict[str, list[int]] = {}
         for label, group in enumerate(class_groups):
@@ -90,7 +92,8 @@ class OneGroup(l2l.data.transforms.TaskTransform):
         if not self.groups:
             largest = max(len(labels) for labels in members.values())
             raise DatasetError(
-                f"within_group tasks need a group with ways={ways} classes but the largest has {largest}; "
+                f"within_group tasks need a group with ways={ways} classes but the largest of the {split_name} "
+                f"split has {largest}; "
                 f"lower ways or set dataset.within_group=false"
             )
 
@@ -143,7 +146,7 @@ class TaskSampler:
         # learn2learn iterates the whole dataset to build this map unless it is given one.
         meta = l2l.data.MetaDataset(torch.utils.data.TensorDataset(indices, self.labels),
                                     labels_to_indices=labels_to_indices)
-        transforms = [OneGroup(meta, classes.groups, ways)] if within_group else []
+        transforms = [OneGroup(meta, classes.groups, ways, split_name)] if within_group else []
         transforms += [
             l2l.data.transforms.NWays(meta, ways),
             l2l.data.transforms.KShots(meta, shots + query_shots),
