@@ -42,9 +42,10 @@ class RunConfig:
     meta_batch_size: int = 32  # tasks per meta-update
     grad_clip: float | None = None  # clip the meta-gradient's global norm
     ways: int = 5  # classes per evaluation task
-    shots: int = 1  # support samples per class
+    shots: int = 1  # support samples per class at evaluation (K points for regression)
     query_shots: int = 1  # query samples per class at evaluation
     train_ways: int = "${ways}"  # type: ignore[assignment]  # classes per training task
+    train_shots: int = "${shots}"  # type: ignore[assignment]  # support samples per class in training
     train_query_shots: int = "${query_shots}"  # type: ignore[assignment]
     eval_every: int = 100  # validate every N iterations (and after the last)
     checkpoint_every: int = 100  # write checkpoints/last.pt every N iterations
@@ -70,6 +71,7 @@ def validate(cfg: DictConfig) -> None:
         "shots": cfg.shots,
         "query_shots": cfg.query_shots,
         "train_ways": cfg.train_ways,
+        "train_shots": cfg.train_shots,
         "train_query_shots": cfg.train_query_shots,
     }
     for key, value in positive.items():
