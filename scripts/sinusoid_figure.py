@@ -12,6 +12,8 @@ with the run's own config (``results.json``), so the test tasks are the run's te
 
 ``--set key=value`` changes the run config before building (e.g. ``--set algorithm.inner_lr=0.02``
 to fine-tune the pretrained baseline with another step size); the checkpoint is the same.
+``--split val`` reports on the validation tasks instead, to choose such a setting without
+looking at the test tasks.
 """
 
 from __future__ import annotations
@@ -33,22 +35,22 @@ from metarun.tasks import FixedTasks
 REPORTED_STEPS = (1, 5, 10)  # the paper's appendix table
 
 
-def load(run_dir: Path, cfg: DictConfig, shots: int) -> tuple[Algorithm, FixedTasks]:
-    """The run's best model and its test tasks, with ``shots`` support points."""
+def load(run_dir: Path, cfg: DictConfig, shots: int, split: str = "test") -> tuple[Algorithm, FixedTasks]:
+    """The run's best model and its ``split`` (val or test) tasks, with ``shots`` support points."""
     cfg = OmegaConf.merge(cfg, {"shots": shots})
     device = torch.device("cpu")
-    _, _, test_tasks, objective = build_data(cfg, device)
+    _, val_tasks, test_tasks, objective = build_data(cfg, device)
     algorithm, _ = build_algorithm(cfg, device, objective)
     checkpoint.load_model(run_dir / "checkpoints" / "best.pt", algorithm)
-    return algorithm, test_tasks
+    return algorithm, {"val": val_tasks, "test": test_tasks}[split]
 
 
-def mse_table(run_dir: Path, cfg: DictConfig, shots: list[int]) -> list[str]:
-    """Markdown rows ``| K | MSE after 1 | 5 | 10 steps |`` (mean ± 95% CI over the test tasks)."""
+def mse_table(run_dir: Path, cfg: DictConfig, shots: list[int], split: str = "test") -> list[str]:
+    """Markdown rows ``| K | MSE after 1 | 5 | 10 steps |`` (mean ± 95% CI over the ``split`` tasks)."""
     rows = ["| K | " + " | ".join(f"after {s} step{'s' * (s > 1)}" for s in REPORTED_STEPS) + " |",
             "|---|" + "---|" * len(REPORTED_STEPS)]
     for k in shots:
-        algorithm, tasks = load(run_dir, cfg, k)
+        algorithm, tasks = load(run_dir, cfg, k, split)
         algorithm.eval_inner_steps = max(REPORTED_STEPS)
         curve = evaluate(algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z, "mse").summary()
         cells = [f"{curve['mse_mean'][s]:.3f} ± {curve['mse_ci95'][s]:.3f}" for s in REPORTED_STEPS]
@@ -77,7 +79,9 @@ def plot_fits(run_dir: Path, cfg: DictConfig, tasks_shown: int, steps: list[int]
         ax.set_ylim(-6, 6)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{cfg.algorithm._target_.rsplit('.', 1)[-1]}: test tasks, fit after {steps} steps", fontsize=9)
+    name = cfg.algorithm._target_.rsplit(".", 1)[-1]
+    fig.suptitle(f"{name}: fits to test tasks after {', '.join(map(str, steps))} steps on K={cfg.shots} points",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=3, help="test tasks to plot")
     parser.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/sinusoid_fits.png)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the run config")
+    parser.add_argument("--split", choices=["val", "test"], default="test", help="tasks of the MSE table")
     args = parser.parse_args()
     results_path = args.run_dir / "results.json"
     if not results_path.is_file():
@@ -104,7 +109,9 @@ def main() -> None:
     plot_fits(args.run_dir, cfg, args.tasks, args.steps, out)
     print(f"figure: {out}")
     if args.shots:
-        print("\n".join(mse_table(args.run_dir, cfg, args.shots)))
+        print(f"{args.split} MSE (mean ± 95% CI over {cfg.eval.val_tasks if args.split == 'val' else cfg.eval.tasks} "
+              f"tasks):")
+        print("\n".join(mse_table(args.run_dir, cfg, args.shots, args.split)))
 
 
 if __name__ == "__main__":
