@@ -1,4 +1,6 @@
-"""Few-shot tasks: the Task/TaskSplit types and a sampler over learn2learn's TaskDataset.
+"""Few-shot tasks: the Task/TaskSplit types, the TaskSource/Sampler interface that ``build_data``
+uses (class splits and regression task distributions implement it), and a sampler over
+learn2learn's TaskDataset.
 
 A :class:`TaskSampler` wraps one class split. learn2learn's ``MetaDataset``/``TaskDataset`` with
 ``NWays``, ``KShots``, ``LoadData``, ``RemapLabels`` and ``ConsecutiveLabels`` chooses the
