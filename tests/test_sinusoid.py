@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 import sinusoid_figure  # scripts/ (conftest puts it on the path)
 from conftest import TINY, run_cli
@@ -101,6 +101,30 @@ def test_build_data_takes_the_objective_from_the_dataset_and_ignores_ways(compos
     algorithm, _ = build_algorithm(cfg, torch.device("cpu"), objective)
     assert algorithm.head_outputs == 1  # 1-40-40-1
     assert [p.shape for p in algorithm.parameters()] == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
+
+
+class RecordingSource(Sinusoids):
+    """A TaskSource that records what build_data asks of it."""
+
+    calls: list[tuple] = []
+
+    def sampler(self, split_name, ways, shots, query_shots, device, augment):
+        RecordingSource.calls.append((split_name, ways, shots, query_shots, augment))
+        return super().sampler(split_name, ways, shots, query_shots, device, None)
+
+
+def flip(x: torch.Tensor) -> torch.Tensor:
+    return -x
+
+
+def test_build_data_asks_any_task_source_for_three_samplers_augmenting_training_only(compose_cfg):
+    cfg = compose_cfg("ways=3", "train_ways=7", "shots=2", "train_shots=4", "query_shots=5", "train_query_shots=6")
+    with open_dict(cfg):
+        cfg.dataset = {"_target_": "test_sinusoid.RecordingSource"}
+        cfg.augment = {"_target_": "hydra.utils.get_method", "path": "test_sinusoid.flip"}
+    RecordingSource.calls.clear()
+    build_data(cfg, torch.device("cpu"))
+    assert RecordingSource.calls == [("train", 7, 4, 6, flip), ("val", 3, 2, 5, None), ("test", 3, 2, 5, None)]
 
 
 def test_pretrained_trains_without_an_inner_loop(compose_cfg):
