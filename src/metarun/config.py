@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from metarun.algorithms.base import ConfigError
+from metarun.errors import one_line
 
 
 @dataclass
@@ -58,8 +60,25 @@ class RunConfig:
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def check_references(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) when a value refers to a key the chosen groups do not have.
+
+    Groups meet through interpolations (``backbone.in_channels: ${dataset.channels}``), so a
+    backbone for images on a dataset without images (``dataset=sinusoid backbone=conv4``) fails
+    here, naming both keys, rather than with a stack trace from the resolver.
+    """
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationKeyError as error:
+        raise ConfigError(
+            f"{error.full_key}: {one_line(error)}; the chosen config groups do not fit together "
+            f"(sinusoid regression takes backbone=mlp_sinusoid)"
+        ) from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for values no run can use."""
+    check_references(cfg)
     positive = {
         "iterations": cfg.iterations,
         "meta_batch_size": cfg.meta_batch_size,
