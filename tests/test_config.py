@@ -40,7 +40,9 @@ def test_backbone_options_instantiate(compose_cfg, name):
     features = instantiate(cfg.backbone)
     size = cfg.backbone.get("image_size", 28)
     channels = cfg.backbone.get("in_channels", 1)
-    out = features(torch.rand(3, channels, size, size))
+    # An MLP takes flat inputs of in_features (1 for the sinusoid network), images flatten into them.
+    x = torch.rand(3, cfg.backbone.in_features) if "in_features" in cfg.backbone else torch.rand(3, channels, size, size)
+    out = features(x)
     assert out.shape == (3, features.out_features)
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from metarun.data.base import DatasetError, ImageClasses
+from metarun.data.base import ClassSplits, DatasetError, ImageClasses
 from metarun.tasks import TaskSampler
 
 
@@ -121,3 +121,16 @@ def test_augment_is_applied_to_every_task_image():
     assert torch.equal(augmented.support.x, 1.0 - original.support.x)
     assert torch.equal(augmented.query.x, 1.0 - original.query.x)
     assert augmented.support.ways == 5 and augmented.query.ways == 5
+
+
+def test_class_splits_make_the_sampler_of_the_named_split_with_their_within_group():
+    """``ClassSplits.sampler`` is the TaskSource interface build_data calls."""
+    grouped = grouped_classes()
+    splits = ClassSplits(train=toy_classes(), val=grouped, test=toy_classes(num_classes=6), within_group=True)
+    sampler = splits.sampler("val", ways=3, shots=1, query_shots=1, device="cpu", augment=None)
+    for _ in range(20):
+        assert len({grouped.groups[i // 6] for i in sample_ids(sampler.sample().support)}) == 1
+    with pytest.raises(DatasetError, match="ways=7 but the test split has only 6 classes"):
+        splits.sampler("test", ways=7, shots=1, query_shots=1, device="cpu", augment=None)
+    flipped = splits.sampler("train", ways=5, shots=1, query_shots=1, device="cpu", augment=lambda x: 1.0 - x)
+    assert flipped.augment is not None

@@ -82,21 +82,26 @@ class Conv4(nn.Module):
 
 
 class MLP(nn.Module):
-    """MAML's "non-convolutional" Omniglot network: fully connected 256-128-64-64 with BatchNorm and ReLU.
+    """MAML's fully connected networks (Finn et al. 2017): the "non-convolutional" Omniglot network
+    (256-128-64-64 with BatchNorm and ReLU) and the sinusoid regressor's features (1-40-40, ReLU,
+    no BatchNorm; the algorithm's linear head makes it 1-40-40-1).
 
     Args:
-        in_features: flattened input size (784 for 28x28 Omniglot).
+        in_features: flattened input size (784 for 28x28 Omniglot, 1 for sinusoids).
         hidden: sizes of the hidden layers.
+        batch_norm: BatchNorm after every linear layer (the Omniglot network); the sinusoid
+            network has none.
 
     Shapes: ``[B, C, H, W]`` (or ``[B, in_features]``) ``-> [B, hidden[-1]]``.
     """
 
-    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64)) -> None:
+    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64),
+                 batch_norm: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         size = in_features
         for width in hidden:
-            layers += [nn.Linear(size, width), nn.BatchNorm1d(width), nn.ReLU()]
+            layers += [nn.Linear(size, width), nn.BatchNorm1d(width) if batch_norm else nn.Identity(), nn.ReLU()]
             size = width
         self.layers = nn.Sequential(*layers)
         self.out_features = size

@@ -18,9 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun import config
 from metarun.algorithms.base import Algorithm, ConfigError
-from metarun.data.base import ClassSplits
 from metarun.objectives import Classification, Objective
-from metarun.tasks import FixedTasks, TaskSampler
+from metarun.tasks import FixedTasks, Sampler, TaskSource
 from metarun.tracking import ConsoleTracker, FileTracker, Tracker, Trackers
 
 log = logging.getLogger(__name__)
@@ -38,10 +37,11 @@ class Parts:
     device: torch.device
     algorithm: Algorithm
     optimizer: torch.optim.Optimizer
-    train_sampler: TaskSampler
+    train_sampler: Sampler
     val_tasks: FixedTasks
     test_tasks: FixedTasks
     tracker: Tracker
+    objective: Objective
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,23 +59,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_data(cfg: DictConfig, device: torch.device) -> tuple[TaskSampler, FixedTasks, FixedTasks, Objective]:
+def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTasks, FixedTasks, Objective]:
     """The training task sampler, the fixed validation and test tasks, and the tasks' objective.
 
-    ``cfg.augment`` (a config group, default none) transforms the training tasks' images only.
+    The dataset target returns a :class:`metarun.tasks.TaskSource` (image classes or a
+    regression task distribution), which makes the sampler of each split and says what the
+    tasks ask for. ``cfg.augment`` (a config group, default none) transforms the training
+    tasks' images only.
     """
-    splits: ClassSplits = instantiate(cfg.dataset, _convert_="all")
+    source: TaskSource = instantiate(cfg.dataset, _convert_="all")
     augment = instantiate(cfg.augment) if cfg.augment is not None else None
-    within = splits.within_group
-    train = TaskSampler(splits.train, cfg.train_ways, cfg.shots, cfg.train_query_shots, device, "train", within,
-                        augment)
-    val = TaskSampler(splits.val, cfg.ways, cfg.shots, cfg.query_shots, device, "val", within)
-    test = TaskSampler(splits.test, cfg.ways, cfg.shots, cfg.query_shots, device, "test", within)
+    train = source.sampler("train", cfg.train_ways, cfg.train_shots, cfg.train_query_shots, device, augment)
+    val = source.sampler("val", cfg.ways, cfg.shots, cfg.query_shots, device, None)
+    test = source.sampler("test", cfg.ways, cfg.shots, cfg.query_shots, device, None)
     return (
         train,
         val.fixed_tasks(cfg.eval.val_tasks, seed=cfg.seed + VAL_TASK_SEED_OFFSET),
         test.fixed_tasks(cfg.eval.tasks, seed=cfg.seed + TEST_TASK_SEED_OFFSET),
-        splits.objective,
+        source.objective,
     )
 
 
@@ -113,4 +114,4 @@ def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | No
     train_sampler, val_tasks, test_tasks, objective = build_data(cfg, device)
     algorithm, optimizer = build_algorithm(cfg, device, objective)
     tracker = build_tracker(cfg, output_dir, wandb_defaults)
-    return Parts(device, algorithm, optimizer, train_sampler, val_tasks, test_tasks, tracker)
+    return Parts(device, algorithm, optimizer, train_sampler, val_tasks, test_tasks, tracker, objective)

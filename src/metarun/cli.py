@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from metarun import config  # noqa: F401  (registers the run_schema with Hydra's ConfigStore)
+from metarun import config  # registers the run_schema with Hydra's ConfigStore
 from metarun.algorithms.base import ConfigError
 from metarun.checkpoint import CheckpointError
 from metarun.data.base import DatasetError
@@ -51,9 +51,10 @@ def wandb_defaults() -> dict[str, str | None]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    if cfg.console:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
     try:
+        config.check_references(cfg)  # before printing the resolved config
+        if cfg.console:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
         return run(cfg, Path(cfg.output_dir or HydraConfig.get().runtime.output_dir), wandb_defaults())
     except Exception as error:
         cause = user_error(error)

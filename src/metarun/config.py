@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from metarun.algorithms.base import ConfigError
+from metarun.errors import one_line
 
 
 @dataclass
@@ -42,9 +44,10 @@ class RunConfig:
     meta_batch_size: int = 32  # tasks per meta-update
     grad_clip: float | None = None  # clip the meta-gradient's global norm
     ways: int = 5  # classes per evaluation task
-    shots: int = 1  # support samples per class
+    shots: int = 1  # support samples per class at evaluation (K points for regression)
     query_shots: int = 1  # query samples per class at evaluation
     train_ways: int = "${ways}"  # type: ignore[assignment]  # classes per training task
+    train_shots: int = "${shots}"  # type: ignore[assignment]  # support samples per class in training
     train_query_shots: int = "${query_shots}"  # type: ignore[assignment]
     eval_every: int = 100  # validate every N iterations (and after the last)
     checkpoint_every: int = 100  # write checkpoints/last.pt every N iterations
@@ -57,8 +60,25 @@ class RunConfig:
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def check_references(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) when a value refers to a key the chosen groups do not have.
+
+    Groups meet through interpolations (``backbone.in_channels: ${dataset.channels}``), so a
+    backbone for images on a dataset without images (``dataset=sinusoid backbone=conv4``) fails
+    here, naming both keys, rather than with a stack trace from the resolver.
+    """
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationKeyError as error:
+        raise ConfigError(
+            f"{error.full_key}: {one_line(error)}; the chosen config groups do not fit together "
+            f"(sinusoid regression takes backbone=mlp_sinusoid)"
+        ) from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for values no run can use."""
+    check_references(cfg)
     positive = {
         "iterations": cfg.iterations,
         "meta_batch_size": cfg.meta_batch_size,
@@ -70,6 +90,7 @@ def validate(cfg: DictConfig) -> None:
         "shots": cfg.shots,
         "query_shots": cfg.query_shots,
         "train_ways": cfg.train_ways,
+        "train_shots": cfg.train_shots,
         "train_query_shots": cfg.train_query_shots,
     }
     for key, value in positive.items():

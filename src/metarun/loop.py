@@ -25,7 +25,7 @@ from torch import nn
 from metarun import checkpoint
 from metarun.algorithms.base import Algorithm
 from metarun.build import build
-from metarun.tasks import FixedTasks, TaskSampler
+from metarun.tasks import FixedTasks, Sampler
 from metarun.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,14 @@ class Evaluation:
             methods without an inner loop).
         accuracy: same shape, query accuracy in [0, 1]; None for regression.
         ci_z: z-value of the confidence interval (1.96 for 95%).
+        loss_metric: the objective's name for the loss when it is the task's metric (``"mse"``
+            for regression), reported under that name too; None for classification.
     """
 
     loss: torch.Tensor
     accuracy: torch.Tensor | None
     ci_z: float
+    loss_metric: str | None = None
 
     def _ci(self, values: torch.Tensor) -> torch.Tensor:
         n = values.shape[0]
@@ -56,16 +59,26 @@ class Evaluation:
         return self.ci_z * std / math.sqrt(n)
 
     def summary(self) -> dict[str, list[float]]:
-        """Mean and CI half-width per adaptation step: ``{"loss_mean": [...], "acc_ci95": [...], ...}``."""
+        """Mean and CI half-width per adaptation step: ``{"loss_mean": [...], "acc_ci95": [...], ...}``
+        (``mse_mean``/``mse_ci95``, copies of the loss, instead of ``acc_*`` for regression)."""
         out = {"loss_mean": self.loss.mean(0).tolist(), "loss_ci95": self._ci(self.loss).tolist()}
         if self.accuracy is not None:
             out["acc_mean"] = self.accuracy.mean(0).tolist()
             out["acc_ci95"] = self._ci(self.accuracy).tolist()
+        if self.loss_metric is not None:
+            out[f"{self.loss_metric}_mean"] = out["loss_mean"]
+            out[f"{self.loss_metric}_ci95"] = out["loss_ci95"]
         return out
+
+    def final_metrics(self, split: str) -> dict[str, float]:
+        """Means after the last adaptation step: ``{"val/loss": ..., "val/acc": ...}`` (``val/mse`` for regression)."""
+        return {f"{split}/{key.removesuffix('_mean')}": values[-1]
+                for key, values in self.summary().items() if key.endswith("_mean")}
 
     @property
     def final_accuracy(self) -> float:
-        """Mean query accuracy after the last adaptation step (the validation objective)."""
+        """The validation objective, higher is better: mean query accuracy after the last
+        adaptation step, or minus the mean query loss for objectives without accuracy."""
         return float(self.accuracy[:, -1].mean()) if self.accuracy is not None else -float(self.loss[:, -1].mean())
 
 
@@ -89,8 +102,12 @@ def batchnorm_mode(module: nn.Module, batch_stats: bool) -> Iterator[None]:
                 buffer.copy_(saved[name])
 
 
-def evaluate(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float) -> Evaluation:
-    """Adapt to each fixed task with ``eval_inner_steps`` steps and score every step on its query set."""
+def evaluate(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float,
+             loss_metric: str | None = None) -> Evaluation:
+    """Adapt to each fixed task with ``eval_inner_steps`` steps and score every step on its query set.
+
+    ``loss_metric`` is the objective's name for the loss when it is the metric (``"mse"``).
+    """
     losses, accuracies = [], []
     with torch.no_grad(), batchnorm_mode(algorithm, bn_batch_stats):
         for task in tasks:
@@ -102,13 +119,14 @@ def evaluate(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z
         loss=torch.stack(losses),
         accuracy=torch.stack(accuracies) if accuracies else None,
         ci_z=ci_z,
+        loss_metric=loss_metric,
     )
 
 
 def train_step(
     algorithm: Algorithm,
     optimizer: torch.optim.Optimizer,
-    sampler: TaskSampler,
+    sampler: Sampler,
     meta_batch_size: int,
     grad_clip: float | None,
 ) -> dict[str, float]:
@@ -116,6 +134,7 @@ def train_step(
 
     Each task's loss is backpropagated as soon as it is computed, so only one task's graph is
     alive at a time; gradients accumulate into ``.grad`` as the mean over the meta-batch.
+    ``train/acc`` is reported only for objectives with an accuracy (not for regression).
     """
     algorithm.train()
     optimizer.zero_grad(set_to_none=True)
@@ -130,13 +149,15 @@ def train_step(
         if results[-1].accuracy is not None:
             accuracies.append(results[-1].accuracy.detach())
     total_loss = torch.stack(losses).sum().item()
-    total_acc = torch.stack(accuracies).sum().item() if accuracies else 0.0
     if not math.isfinite(total_loss):
         raise NonFiniteLossError(f"meta-training loss is {total_loss}")
     if grad_clip is not None:
         nn.utils.clip_grad_norm_(algorithm.parameters(), grad_clip)
     optimizer.step()
-    return {"train/loss": total_loss / meta_batch_size, "train/acc": total_acc / meta_batch_size}
+    metrics = {"train/loss": total_loss / meta_batch_size}
+    if accuracies:
+        metrics["train/acc"] = torch.stack(accuracies).sum().item() / meta_batch_size
+    return metrics
 
 
 @dataclass
@@ -144,14 +165,14 @@ class RunState:
     """What a checkpoint holds besides the model and optimizer: enough to continue exactly."""
 
     iteration: int = 0  # meta-updates done
-    best_val_acc: float = -math.inf
+    best_val_acc: float = -math.inf  # Evaluation.final_accuracy: accuracy, or minus the loss for regression
     best_iteration: int = -1
 
 
 def meta_train(
     algorithm: Algorithm,
     optimizer: torch.optim.Optimizer,
-    train_sampler: TaskSampler,
+    train_sampler: Sampler,
     val_tasks: FixedTasks,
     tracker: Tracker,
     output_dir: Path,
@@ -163,11 +184,14 @@ def meta_train(
     bn_batch_stats: bool,
     ci_z: float,
     resume_from: Path | None = None,
+    loss_metric: str | None = None,
 ) -> RunState:
     """Meta-train, validating every ``eval_every`` iterations and keeping the best checkpoint.
 
     Writes ``checkpoints/best.pt`` (best mean validation accuracy after the last adaptation
-    step) and ``checkpoints/last.pt`` (everything needed to resume). Returns the final state.
+    step; lowest loss for regression) and ``checkpoints/last.pt`` (everything needed to resume).
+    ``loss_metric`` is the objective's name for the loss when it is the metric (``"mse"``).
+    Returns the final state.
     """
     state = RunState()
     ckpt_dir = output_dir / "checkpoints"
@@ -192,8 +216,8 @@ def meta_train(
             state.iteration += 1
             tracker.log(metrics, state.iteration)
             if state.iteration % eval_every == 0 or state.iteration == iterations:
-                val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z)
-                val_metrics = {"val/acc": val.final_accuracy, "val/loss": float(val.loss[:, -1].mean())}
+                val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z, loss_metric)
+                val_metrics = val.final_metrics("val")
                 if val.final_accuracy > state.best_val_acc:
                     state.best_val_acc, state.best_iteration = val.final_accuracy, state.iteration
                     checkpoint.save_model(ckpt_dir / "best.pt", algorithm, state.iteration)
@@ -213,8 +237,9 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     """Build the parts, meta-train, test the best-on-validation model, write the results.
 
     Returns:
-        The best mean validation accuracy (after the last adaptation step): the objective
-        that Hydra's sweepers optimise.
+        The best mean validation accuracy (after the last adaptation step), or minus the best
+        validation loss for objectives without accuracy: the objective that Hydra's sweepers
+        maximise.
     """
     output_dir = Path(output_dir)
     if (output_dir / "results.json").exists():
@@ -227,20 +252,23 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         parts.algorithm, parts.optimizer, parts.train_sampler, parts.val_tasks, parts.tracker, output_dir,
         iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every, grad_clip=cfg.grad_clip, bn_batch_stats=cfg.eval.bn_batch_stats,
-        ci_z=cfg.eval.ci_z, resume_from=resume_from,
+        ci_z=cfg.eval.ci_z, resume_from=resume_from, loss_metric=parts.objective.loss_metric,
     )
     train_seconds = time.perf_counter() - started
 
     checkpoint.load_model(output_dir / "checkpoints" / "best.pt", parts.algorithm)
     curves = {
-        split: evaluate(parts.algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).summary()
+        split: evaluate(parts.algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z,
+                        parts.objective.loss_metric).summary()
         for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
     }
     parts.tracker.log_adaptation(curves)
     test = curves["test"]
+    # The best validation score is an accuracy, or minus a loss: written as what it is.
+    best = {"best_val_acc": state.best_val_acc} if "acc_mean" in test else {"best_val_loss": -state.best_val_acc}
     results: dict[str, Any] = {
         "best_iteration": state.best_iteration,
-        "best_val_acc": state.best_val_acc,
+        **best,
         "eval_tasks": len(parts.test_tasks),
         "eval_inner_steps": parts.algorithm.eval_inner_steps,
         "train_seconds": train_seconds,
@@ -249,9 +277,7 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         "curves": curves,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    for metric in ("acc", "loss"):
-        if f"{metric}_mean" in test:
-            results[f"test/{metric}_mean"] = test[f"{metric}_mean"][-1]
-            results[f"test/{metric}_ci95"] = test[f"{metric}_ci95"][-1]
+    for key, values in test.items():  # test/acc_mean, test/acc_ci95, test/loss_mean, ... (test/mse_* for regression)
+        results[f"test/{key}"] = values[-1]
     parts.tracker.finish(results)
     return state.best_val_acc

@@ -42,7 +42,16 @@ def classification_result(logits: torch.Tensor, labels: torch.Tensor) -> TaskRes
 
 
 class Objective(ABC):
-    """The loss and metrics of a task's predictions."""
+    """The loss and metrics of a task's predictions.
+
+    Attributes:
+        loss_metric: the name under which the loss is also reported as the task's metric when
+            the loss itself measures success (regression: ``"mse"``, so curves read
+            ``adapt/test_mse``); None when it is only a training loss (classification reports
+            accuracy).
+    """
+
+    loss_metric: str | None = None
 
     @abstractmethod
     def outputs(self, ways: int) -> int:
@@ -82,6 +91,8 @@ class Regression(Objective):
     Args:
         dim: dimension of a target (1 for sinusoids).
     """
+
+    loss_metric = "mse"
 
     def __init__(self, dim: int = 1) -> None:
         self.dim = dim

@@ -1,4 +1,6 @@
-"""Few-shot tasks: the Task/TaskSplit types and a sampler over learn2learn's TaskDataset.
+"""Few-shot tasks: the Task/TaskSplit types, the TaskSource/Sampler interface that ``build_data``
+uses (class splits and regression task distributions implement it), and a sampler over
+learn2learn's TaskDataset.
 
 A :class:`TaskSampler` wraps one class split. learn2learn's ``MetaDataset``/``TaskDataset`` with
 ``NWays``, ``KShots``, ``LoadData``, ``RemapLabels`` and ``ConsecutiveLabels`` chooses the
@@ -22,11 +24,13 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from metarun._learn2learn import l2l
 from metarun.data.base import DatasetError, ImageClasses
+from metarun.objectives import Objective
 
 
 @dataclass
@@ -34,11 +38,12 @@ class TaskSplit:
     """One side of a task.
 
     Attributes:
-        x: inputs ``[n, C, H, W]`` (float32 in [0, 1] for images).
-        y: labels ``[n]`` int64 in ``[0, ways)``.
+        x: inputs ``[n, C, H, W]`` (float32 in [0, 1] for images); ``[n, 1]`` for sinusoids.
+        y: labels ``[n]`` int64 in ``[0, ways)``; real targets ``[n, 1]`` for regression.
         ways: classes of the task. Carried with the data because training and evaluation tasks
             may have different ways (``train_ways``), and a label tensor alone cannot tell a
-            class that is absent from one that does not exist.
+            class that is absent from one that does not exist. A regression task is one
+            function, and has ``ways = 1``.
     """
 
     x: torch.Tensor
@@ -52,6 +57,40 @@ class Task:
 
     support: TaskSplit
     query: TaskSplit
+
+
+class Sampler(Protocol):
+    """Draws the tasks of one split; :class:`TaskSampler` for classes, ``SinusoidSampler`` for functions."""
+
+    def sample(self) -> Task:
+        """A fresh random task, drawn with Python's global ``random`` (so ``seed_everything`` fixes it)."""
+
+    def fixed_tasks(self, count: int, seed: int) -> FixedTasks:
+        """``count`` tasks that depend only on ``seed``."""
+
+    def materialise(self, *drawn: Any) -> Task:
+        """The task described by one entry of :attr:`FixedTasks.drawn`."""
+
+
+class TaskSource(Protocol):
+    """What a ``conf/dataset`` target returns, and all that ``build_data`` asks of it.
+
+    :class:`metarun.data.base.ClassSplits` (image classes) and
+    :class:`metarun.data.sinusoid.Sinusoids` (regression functions) implement it.
+
+    Attributes:
+        objective: what the tasks ask for (classification or regression).
+    """
+
+    objective: Objective
+
+    def sampler(self, split_name: str, ways: int, shots: int, query_shots: int, device: torch.device | str,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None) -> Sampler:
+        """The task sampler of split ``split_name`` (``train``/``val``/``test``).
+
+        Raises:
+            DatasetError: the split cannot provide such tasks (one line for the user).
+        """
 
 
 @contextlib.contextmanager
@@ -190,9 +229,11 @@ class TaskSampler:
 
 
 class FixedTasks:
-    """A fixed, cached list of tasks (validation and test), stored as indices and re-gathered on use."""
+    """A fixed, cached list of tasks (validation and test), stored as the sampler's compact
+    descriptions (image indices and labels; a sinusoid's inputs and parameters) and
+    materialised on use."""
 
-    def __init__(self, sampler: TaskSampler, drawn: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, sampler: Sampler, drawn: list[tuple[Any, ...]]) -> None:
         self.sampler = sampler
         self.drawn = drawn
 
@@ -200,8 +241,8 @@ class FixedTasks:
         return len(self.drawn)
 
     def __iter__(self) -> Iterator[Task]:
-        for index, label in self.drawn:
-            yield self.sampler.materialise(index, label)
+        for description in self.drawn:
+            yield self.sampler.materialise(*description)
 
 
 def check_task_shape(classes: ImageClasses, ways: int, shots: int, query_shots: int, split_name: str) -> None:

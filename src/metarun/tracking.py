@@ -3,7 +3,9 @@
 Every tracker implements :class:`Tracker`; the loop talks to one :class:`Trackers` that fans
 out. Metric keys are the project's vocabulary: ``train/loss``, ``train/acc``, ``val/acc``,
 ``test/acc_mean``, ``test/acc_ci95``, and per adaptation step ``adapt/step`` with
-``adapt/val_acc`` and ``adapt/test_acc`` (``*_loss`` for every split, too).
+``adapt/val_acc`` and ``adapt/test_acc`` (``*_loss`` for every split, too). Regression has no
+accuracy: its metric is the MSE, under the same keys with ``mse`` for ``acc`` (``val/mse``,
+``test/mse_mean``, ``adapt/test_mse``), and there is no ``train/acc``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Tracker:
 
     def log_adaptation(self, curves: dict[str, dict[str, list[float]]]) -> None:
         """Per-step curves of the tested model: ``{"val": summary, "test": summary}`` where a
-        summary maps ``acc_mean``/``acc_ci95``/``loss_mean``/``loss_ci95`` to one value per step."""
+        summary maps ``acc_mean``/``acc_ci95``/``loss_mean``/``loss_ci95`` (``mse_*`` instead of
+        ``acc_*`` for regression) to one value per step."""
 
     def finish(self, results: dict[str, Any]) -> None: ...
 
@@ -65,14 +68,15 @@ class Trackers(Tracker):
 
 
 def adaptation_rows(curves: dict[str, dict[str, list[float]]]) -> list[dict[str, float]]:
-    """One record per adaptation step: ``{"adapt/step": k, "adapt/val_acc": ..., "adapt/val_acc_ci95": ...}``."""
+    """One record per adaptation step: ``{"adapt/step": k, "adapt/val_acc": ..., "adapt/val_acc_ci95": ...}``,
+    one pair per metric of the summaries (``adapt/val_mse`` for regression)."""
     steps = max(len(summary["loss_mean"]) for summary in curves.values())
     rows = []
     for k in range(steps):
         row: dict[str, float] = {"adapt/step": k}
         for split, summary in curves.items():
-            for metric in ("acc", "loss"):
-                if f"{metric}_mean" in summary and k < len(summary[f"{metric}_mean"]):
+            for metric in metric_names(summary):
+                if k < len(summary[f"{metric}_mean"]):
                     row[f"adapt/{split}_{metric}"] = summary[f"{metric}_mean"][k]
                     row[f"adapt/{split}_{metric}_ci95"] = summary[f"{metric}_ci95"][k]
         rows.append(row)
@@ -109,9 +113,21 @@ class FileTracker(Tracker):
         os.replace(tmp, self.output_dir / "results.json")
 
 
+def metric_names(summary: dict[str, list[float]]) -> list[str]:
+    """The metrics of a summary, e.g. ``["loss", "acc"]`` for ``loss_mean``, ``loss_ci95``, ``acc_mean``, ..."""
+    return [key.removesuffix("_mean") for key in summary if key.endswith("_mean")]
+
+
 def curve_metric(curves: dict[str, dict[str, list[float]]]) -> str:
-    """``"acc"`` when every split has accuracy curves, else ``"loss"`` (regression)."""
-    return "acc" if all("acc_mean" in summary for summary in curves.values()) else "loss"
+    """The metric every split has that tables and plots show: ``"acc"`` for classification, the
+    objective's own name for its loss (``"mse"``) for regression, else ``"loss"``."""
+    common = set.intersection(*(set(metric_names(summary)) for summary in curves.values())) - {"loss"}
+    return "acc" if "acc" in common else min(common, default="loss")
+
+
+def metric_label(metric: str) -> str:
+    """How a metric name reads in a title: ``accuracy``, ``loss``, ``MSE``."""
+    return {"acc": "accuracy", "loss": "loss"}.get(metric, metric.upper())
 
 
 def plot_adaptation(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -127,7 +143,7 @@ def plot_adaptation(curves: dict[str, dict[str, list[float]]], path: Path) -> No
         mean, ci = summary[f"{metric}_mean"], summary[f"{metric}_ci95"]
         ax.errorbar(range(len(mean)), mean, yerr=ci, marker="o", capsize=3, label=split)
     ax.set_xlabel("adaptation step")
-    ax.set_ylabel("query accuracy" if metric == "acc" else "query loss")
+    ax.set_ylabel(f"query {metric_label(metric)}")
     ax.set_xticks(range(max(len(s[f"{metric}_mean"]) for s in curves.values())))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -259,10 +275,13 @@ class ConsoleTracker(Tracker):
         if self.started is None:
             return
         rate = (iteration - self.start_iteration) / max(time.perf_counter() - self.started, 1e-9)
-        stats = "  ".join(f"{k} {v:.3f}" for k, v in self.latest.items() if k in ("train/acc", "train/loss", "val/acc"))
+        # The training metrics and the validation metric (val/acc, or val/mse for regression).
+        shown = [k for k in self.latest if k.startswith("train/")] + [k for k in self.latest if k.startswith("val/")
+                                                                       and k != "val/loss"][:1]
+        stats = "  ".join(f"{k} {self.latest[k]:.3f}" for k in shown)
         if self.progress is not None:
             self.progress.update(self.task, completed=iteration, speed=f"{rate:.2f} it/s", stats=stats)
-        elif "val/acc" in metrics:
+        elif "val/loss" in metrics:  # every validation logs val/loss
             self.console.print(f"meta-train {iteration}/{self.iterations}  {rate:.2f} it/s  {stats}", highlight=False)
 
     def end_training(self) -> None:
@@ -275,7 +294,7 @@ class ConsoleTracker(Tracker):
         from rich.table import Table
 
         metric = curve_metric(curves)
-        table = Table(title=f"query {'accuracy' if metric == 'acc' else 'loss'} per adaptation step (mean ± 95% CI)")
+        table = Table(title=f"query {metric_label(metric)} per adaptation step (mean ± 95% CI)")
         table.add_column("step", justify="right")
         for split in curves:
             table.add_column(split, justify="right")
@@ -290,10 +309,11 @@ class ConsoleTracker(Tracker):
         self.console.print(table)
 
     def finish(self, results: dict[str, Any]) -> None:
-        if "test/acc_mean" in results:
-            self.console.print(
-                f"test accuracy: {100 * results['test/acc_mean']:.2f} ± {100 * results['test/acc_ci95']:.2f}% "
-                f"({results['eval_tasks']} tasks, {results['eval_inner_steps']} steps, "
-                f"best val at iteration {results['best_iteration']})"
-            )
+        metric = curve_metric(results["curves"])
+        mean, ci = results[f"test/{metric}_mean"], results[f"test/{metric}_ci95"]
+        shown = f"{100 * mean:.2f} ± {100 * ci:.2f}%" if metric == "acc" else f"{mean:.4g} ± {ci:.2g}"
+        self.console.print(
+            f"test {metric_label(metric)}: {shown} ({results['eval_tasks']} tasks, {results['eval_inner_steps']} "
+            f"steps, best val at iteration {results['best_iteration']})"
+        )
         self.console.print(f"results: {results['output_dir']}/results.json")

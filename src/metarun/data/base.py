@@ -14,12 +14,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from metarun.checkpoint import atomic_save
 from metarun.errors import one_line
 from metarun.objectives import Classification, Objective
+
+if TYPE_CHECKING:
+    from metarun.tasks import TaskSampler
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,15 @@ class ClassSplits:
 
     def items(self) -> list[tuple[str, ImageClasses]]:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
+
+    def sampler(self, split_name: str, ways: int, shots: int, query_shots: int, device: torch.device | str,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None) -> TaskSampler:
+        """N-way K-shot tasks from the classes of ``split_name`` (the ``TaskSource`` interface of
+        ``metarun.tasks``); ``augment`` transforms their images ``[n, C, H, W]``."""
+        from metarun.tasks import TaskSampler  # tasks imports this module for ImageClasses
+
+        classes = dict(self.items())[split_name]
+        return TaskSampler(classes, ways, shots, query_shots, device, split_name, self.within_group, augment)
 
 
 def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int, rotations: bool = False) -> ClassSplits:
