@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -573,3 +574,26 @@ def test_dataset_configs_match_their_loaders(name: str) -> None:
     assert keys <= set(params)
     assert {p for p, v in params.items() if v.default is inspect.Parameter.empty} <= keys
     assert cfg.channels == 3 and isinstance(cfg.image_size, int)
+
+
+@pytest.mark.parametrize("algorithm,backbone", [("maml", "conv4"), ("protonet", "conv4"), ("relation", "conv4_relation"),
+                                                ("maml", "conv4_84")])
+def test_an_image_benchmark_trains_with_any_algorithm_and_augmentation(compose_cfg, tmp_path: Path, algorithm: str,
+                                                                       backbone: str) -> None:
+    """mini-ImageNet (tiny pickles) through the whole run: RGB channels reach the backbone, training tasks are
+    augmented, and evaluation runs on the fixed tasks."""
+    from metarun.loop import run
+
+    root = tmp_path / "data"
+    root.mkdir()
+    checksums = _write_mini_pickles(root)
+    sums = tmp_path / "SHA256SUMS"  # the user vouches for their copies with a sha256sum file
+    sums.write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
+    checksum_override = f"dataset.checksums={sums}"
+    cfg = compose_cfg("dataset=miniimagenet", f"dataset.root={root}", checksum_override, f"algorithm={algorithm}",
+                      f"backbone={backbone}", "augment=crop_flip_jitter", "ways=2", "shots=1", "query_shots=2",
+                      f"dataset.cache_dir={tmp_path / 'cache'}")
+    run(cfg, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["test/acc_mean"] <= 1.0
+    assert results["config"]["backbone"]["in_channels"] == 3
