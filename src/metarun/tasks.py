@@ -132,8 +132,7 @@ class OneGroup(l2l.data.transforms.TaskTransform):
             largest = max(len(labels) for labels in members.values())
             raise DatasetError(
                 f"within_group tasks need a group with ways={ways} classes but the largest of the {split_name} "
-                f"split has {largest}; "
-                f"lower ways or set dataset.within_group=false"
+                f"split has {largest}; lower ways or set dataset.within_group=false"
             )
 
     def __call__(self, task_description: list | None) -> list:
