@@ -39,7 +39,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N ; auto picks cuda when available
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
+    threads: int = 1  # torch CPU threads; 0 keeps torch's default (one per core), which crawls on a busy CPU
     iterations: int = 1000  # meta-training iterations (one meta-batch each)
     meta_batch_size: int = 32  # tasks per meta-update
     grad_clip: float | None = None  # clip the meta-gradient's global norm
