@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 WHEELHOUSE := .wheelhouse
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+# pytest-xdist workers for `make test` (the suite is CPU-bound, one thread per test process).
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-all lint clean
@@ -27,11 +29,11 @@ install: $(STAMP)  ## create .venv and install metarun with pinned dependencies
 run: $(STAMP)  ## meta-train the embedded default job (MAML on generated glyphs), offline
 	WANDB_MODE=offline $(VENV)/bin/metarun
 
-test: $(STAMP)  ## the default test suite (CPU, a few minutes)
-	$(PY) -m pytest
+test: $(STAMP)  ## the default test suite (CPU, a few minutes; TEST_WORKERS=2 processes)
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 test-all: $(STAMP)  ## every test, slow learning runs included
-	$(PY) -m pytest -m ""
+	$(PY) -m pytest -n $(TEST_WORKERS) -m ""
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check src tests scripts
