@@ -89,3 +89,14 @@ def test_training_ways_may_exceed_evaluation_ways(compose_cfg, name):
     with torch.no_grad():
         for r in algorithm.run_task(random_task(ways=3), algorithm.eval_inner_steps, every_step=True):
             assert torch.isfinite(r.loss) and 0.0 <= float(r.accuracy) <= 1.0
+
+
+def test_gradient_heads_refuse_fewer_training_ways_than_evaluation_ways(compose_cfg):
+    """Head outputs past train_ways would never get a meta-gradient: one clear error."""
+    from metarun.cli import user_error
+    from metarun.errors import ConfigError
+
+    with pytest.raises(Exception) as raised:  # Hydra wraps errors raised by a _target_
+        build_algorithm(compose_cfg("algorithm=maml", "train_ways=3"), torch.device("cpu"))
+    cause = user_error(raised.value)
+    assert isinstance(cause, ConfigError) and "train_ways=3 is smaller than ways=5" in str(cause)

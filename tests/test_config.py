@@ -12,11 +12,12 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF
 from metarun import config
-from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.algorithms.base import Algorithm
 from metarun.backbones import MLP, Conv4
 from metarun.build import build_algorithm, build_data, resolve_device
 from metarun.cli import user_error
 from metarun.data.base import ClassSplits
+from metarun.errors import ConfigError
 from metarun.objectives import Classification
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from metarun.algorithms.base import ConfigError
 from metarun.algorithms.matching import MatchingNet, cosine_attention
 from metarun.algorithms.metric import class_means
 from metarun.algorithms.protonet import ProtoNet, prototype_logits
 from metarun.algorithms.relation import RelationNet
 from metarun.algorithms.siamese import SiameseNet, balanced_pairs
 from metarun.backbones import MLP, Conv4
+from metarun.errors import ConfigError
 from metarun.objectives import Regression
 from metarun.tasks import TaskSplit
 
@@ -227,3 +227,26 @@ def test_metric_methods_learn_real_omniglot_5w1s(compose_cfg, tmp_path, omniglot
     )
     assert trained > untrained + 0.1, f"{algorithm}: {untrained:.3f} before training, {trained:.3f} after"
     assert trained > floor, f"{algorithm}: {trained:.3f} after 300 iterations on Omniglot 5-way 1-shot"
+
+
+def test_relation_pairs_put_the_class_maps_first_as_the_authors_code():
+    """Each pair is [class maps, query maps] along the channels, scored for every (query, class)."""
+    torch.manual_seed(0)
+    net = RelationNet(Conv4(hidden=4, image_size=28, pool="max", pooled_blocks=2, pooled_padding=0), ways=3)
+    net.eval()
+    seen = []
+    net.relation.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    support = TaskSplit(torch.rand(3, 1, 28, 28), torch.tensor([2, 0, 1]), 3)
+    learner = net.adapt(support, steps=0)
+    queries = torch.rand(2, 1, 28, 28)
+    learner(queries)
+    pairs = seen[0].view(2, 3, 8, 5, 5)  # [q, ways, 2C, h, w]
+    class_maps = net.features.feature_maps(support.x)[torch.tensor([1, 2, 0])]  # ordered by label
+    query_maps = net.features.feature_maps(queries)
+    assert torch.allclose(pairs[:, :, :4], class_maps[None].expand(2, -1, -1, -1, -1), atol=1e-6)
+    assert torch.allclose(pairs[:, :, 4:], query_maps[:, None].expand(-1, 3, -1, -1, -1), atol=1e-6)
+
+
+def test_siamese_needs_two_ways():
+    with pytest.raises(ConfigError, match="at least 2 ways"):
+        SiameseNet(Flat(3), ways=1)

@@ -13,11 +13,11 @@ from omegaconf import OmegaConf, open_dict
 
 import sinusoid_figure  # scripts/ (conftest puts it on the path)
 from conftest import TINY, run_cli
-from metarun.algorithms.base import ConfigError
 from metarun.build import build_algorithm, build_data
 from metarun.cli import user_error
 from metarun.data.base import DatasetError
 from metarun.data.sinusoid import Sinusoids
+from metarun.errors import ConfigError
 from metarun.objectives import Regression
 
 SINUSOID = ["dataset=sinusoid", "backbone=mlp_sinusoid", "algorithm.inner_lr=0.01"]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metarun.errors import ConfigError
+
 Transform = Callable[[Tensor], Tensor]
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
@@ -49,7 +51,7 @@ class RandomCrop:
 
     def __init__(self, padding: int) -> None:
         if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}")
+            raise ConfigError(f"padding must be >= 0, got {padding}")
         self.padding = padding
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -96,7 +98,7 @@ class ColorJitter:
 
     def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
         if min(brightness, contrast, saturation) < 0:
-            raise ValueError("ColorJitter strengths must be >= 0")
+            raise ConfigError("ColorJitter strengths must be >= 0")
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -152,7 +154,7 @@ class RandomAffine:
     ) -> None:
         low, high = scale
         if not 0 < low <= high:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {tuple(scale)}")
+            raise ConfigError(f"scale must be (low, high) with 0 < low <= high, got {tuple(scale)}")
         self.degrees, self.translate, self.scale, self.shear = degrees, translate, (low, high), shear
 
     def __call__(self, images: Tensor) -> Tensor:

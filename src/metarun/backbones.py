@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metarun.errors import ConfigError
+
 
 class Conv4(nn.Module):
     """The 4-block convolutional network of Vinyals et al. (2016), as used by MAML (Finn et al. 2017).
@@ -42,9 +44,9 @@ class Conv4(nn.Module):
                  pool: str = "stride", flatten: bool = False, pooled_blocks: int = 4, pooled_padding: int = 1) -> None:
         super().__init__()
         if pool not in ("stride", "max"):
-            raise ValueError(f"backbone.pool must be 'stride' or 'max', got {pool!r}")
+            raise ConfigError(f"backbone.pool must be 'stride' or 'max', got {pool!r}")
         if not 0 <= pooled_blocks <= 4 or pooled_padding not in (0, 1):
-            raise ValueError(f"backbone.pooled_blocks must be 0..4 and pooled_padding 0 or 1, got "
+            raise ConfigError(f"backbone.pooled_blocks must be 0..4 and pooled_padding 0 or 1, got "
                              f"{pooled_blocks}/{pooled_padding}")
         blocks = []
         channels = in_channels
@@ -66,7 +68,7 @@ class Conv4(nn.Module):
                 side //= 2
             channels = hidden
         if side < 1:
-            raise ValueError(f"backbone.image_size={image_size} is too small for this Conv4; use larger images")
+            raise ConfigError(f"backbone.image_size={image_size} is too small for this Conv4; use larger images")
         self.blocks = nn.Sequential(*blocks)
         self.flatten = flatten
         self.map_shape = (hidden, side, side)

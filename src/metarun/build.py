@@ -17,7 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun import config
-from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.algorithms.base import Algorithm
+from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective
 from metarun.tasks import FixedTasks, Sampler, TaskSource
 from metarun.tracking import ConsoleTracker, FileTracker, Tracker, Trackers

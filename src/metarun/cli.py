@@ -16,9 +16,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metarun import config  # registers the run_schema with Hydra's ConfigStore
-from metarun.algorithms.base import ConfigError
 from metarun.checkpoint import CheckpointError
 from metarun.data.base import DatasetError
+from metarun.errors import ConfigError
 from metarun.loop import NonFiniteLossError, OutputExistsError, run
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError)

@@ -12,8 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
-from metarun.algorithms.base import ConfigError
-from metarun.errors import one_line
+from metarun.errors import ConfigError, one_line
 
 
 @dataclass
@@ -71,8 +70,8 @@ def check_references(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationKeyError as error:
         raise ConfigError(
-            f"{error.full_key}: {one_line(error)}; the chosen config groups do not fit together "
-            f"(sinusoid regression takes backbone=mlp_sinusoid)"
+            f"{error.full_key}: {one_line(error)}; the chosen config groups do not fit together: choose a "
+            f"{error.full_key.split('.')[0]} made for this dataset"
         ) from None
 
 

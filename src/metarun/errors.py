@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A configuration value that cannot work. The message is one line for the user."""
+
+
 def one_line(error: BaseException) -> str:
     """The first line of an error's message (or its type), for one-line user messages."""
     text = str(error).strip()

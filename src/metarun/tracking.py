@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metarun.errors import one_line
+from metarun.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,6 @@ class WandbTracker(Tracker):
                  group: str | None = None, job_type: str | None = None, name: str | None = None,
                  tags: list[str] | None = None, run_config: dict[str, Any] | None = None,
                  dir: str | None = None, defaults: dict[str, str | None] | None = None) -> None:
-        from metarun.algorithms.base import ConfigError
-
         if mode not in self.MODES:
             raise ConfigError(f"wandb.mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         if mode == "auto":

@@ -29,12 +29,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from metarun.errors import ConfigError
 from metarun.objectives import TaskResult
 from metarun.tasks import Task, TaskSplit
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work. The message is one line for the user."""
 
 
 class Algorithm(nn.Module, ABC):

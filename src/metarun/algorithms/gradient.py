@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.algorithms.base import Algorithm
+from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective, TaskResult
 from metarun.tasks import TaskSplit
 
@@ -37,7 +38,7 @@ class GradientBasedAlgorithm(Algorithm):
         first_order: drop second-order terms of the meta-gradient.
         inner_steps: adaptation steps during meta-training.
         eval_inner_steps: adaptation steps at evaluation.
-        train_ways: ways of meta-training tasks (``None``: ``ways``).
+        train_ways: ways of meta-training tasks (``None``: ``ways``); at least ``ways``.
         objective: the task's loss and metrics (classification unless the dataset says otherwise).
 
     Attributes:
@@ -53,6 +54,11 @@ class GradientBasedAlgorithm(Algorithm):
         super().__init__(inner_steps, eval_inner_steps)
         if inner_lr < 0:
             raise ConfigError(f"algorithm.inner_lr must be >= 0, got {inner_lr}")
+        if train_ways is not None and train_ways < ways:
+            raise ConfigError(
+                f"train_ways={train_ways} is smaller than ways={ways}: the head outputs past {train_ways} would never "
+                f"be trained; use train_ways >= ways for gradient-based algorithms"
+            )
         self.first_order = first_order
         self.objective = objective or Classification()
         self.head_outputs = self.objective.outputs(max(ways, train_ways or ways))

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from metarun.algorithms.base import Algorithm, ConfigError
+from metarun.algorithms.base import Algorithm
+from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective, TaskResult, classification_result
 from metarun.tasks import TaskSplit
 

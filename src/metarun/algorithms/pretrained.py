@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.base import ConfigError
 from metarun.algorithms.gradient import GradientBasedAlgorithm, classifier
+from metarun.errors import ConfigError
 from metarun.objectives import Objective
 
 

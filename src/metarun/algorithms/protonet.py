@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarun.algorithms.base import ConfigError
 from metarun.algorithms.metric import MetricBasedAlgorithm, class_means
+from metarun.errors import ConfigError
 from metarun.objectives import Objective
 from metarun.tasks import TaskSplit
 

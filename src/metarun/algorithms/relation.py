@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from metarun.algorithms.metric import MetricBasedAlgorithm
+from metarun.errors import ConfigError
 from metarun.objectives import Objective, TaskResult
 from metarun.tasks import TaskSplit
 
@@ -38,7 +39,7 @@ class RelationModule(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
         if side < 1:
-            raise ValueError(f"feature maps of {map_shape} are too small for the relation module with padding "
+            raise ConfigError(f"feature maps of {map_shape} are too small for the relation module with padding "
                              f"{padding}; set algorithm.padding=1")
         self.convs = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(filters * side * side, hidden), nn.ReLU(),

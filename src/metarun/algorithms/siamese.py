@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from metarun.algorithms.metric import MetricBasedAlgorithm
+from metarun.errors import ConfigError
 from metarun.objectives import Objective, TaskResult
 from metarun.tasks import TaskSplit
 
@@ -35,7 +36,7 @@ def balanced_pairs(query_y: torch.Tensor, support_y: torch.Tensor, ways: int) ->
     other = (query_y + 1 + positions % (ways - 1)) % ways  # never the query's own class
     query_index = positions.repeat_interleave(shots).repeat(2)
     support_index = torch.cat([by_class[query_y].flatten(), by_class[other].flatten()])
-    same = torch.cat([torch.ones(q * shots), torch.zeros(q * shots)]).to(query_y.device)
+    same = torch.cat([torch.ones(q * shots, device=query_y.device), torch.zeros(q * shots, device=query_y.device)])
     return query_index, support_index, same
 
 
@@ -76,6 +77,9 @@ class SiameseNet(MetricBasedAlgorithm):
     def __init__(self, features: nn.Module, ways: int, embedding_dim: int | None = 4096,
                  train_ways: int | None = None, objective: Objective | None = None) -> None:
         super().__init__(objective, "siamese")
+        if min(ways, train_ways or ways) < 2:
+            raise ConfigError(f"siamese networks need tasks of at least 2 ways (a negative pair needs another class), "
+                              f"got ways={ways}, train_ways={train_ways}")
         self.features = features
         dim = features.out_features
         self.projection = (nn.Sequential(nn.Linear(dim, embedding_dim), nn.Sigmoid()) if embedding_dim
@@ -97,6 +101,7 @@ class SiameseNet(MetricBasedAlgorithm):
     def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         logits = learner(query.x)  # [q, s]
         query_index, support_index, same = balanced_pairs(query.y, learner.support_y, learner.ways)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits[query_index, support_index], same)
+        pair_logits = logits[query_index, support_index]
+        loss = nn.functional.binary_cross_entropy_with_logits(pair_logits, same.to(pair_logits.dtype))
         predicted = learner.support_y[logits.argmax(dim=1)]  # the most similar support image's label
         return TaskResult(loss=loss, accuracy=(predicted == query.y).float().mean())
