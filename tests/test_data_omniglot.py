@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from metarun.data import omniglot
 from metarun.data.base import DatasetError
+from metarun.data.files import KnownFile
 from metarun.data.omniglot import EVALUATION_ALPHABETS, load_omniglot, load_omniglot_classes
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -96,8 +97,9 @@ def _accept_zips(
 ) -> None:
     """Make the fake zips the 'official' files: their MD5s (and optionally download URLs)."""
     for part, md5 in md5s.items():
-        url = urls[part] if urls else omniglot.OMNIGLOT_FILES[part][0]
-        monkeypatch.setitem(omniglot.OMNIGLOT_FILES, part, (url, md5))
+        official = omniglot.OMNIGLOT_FILES[part]
+        url = urls[part] if urls else official.urls[0]
+        monkeypatch.setitem(omniglot.OMNIGLOT_FILES, part, KnownFile(official.name, md5=md5, urls=(url,)))
 
 
 @pytest.fixture
@@ -364,7 +366,8 @@ def test_network_failure_says_where_and_how_to_supply(
     tmp_path: Path, cache: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     absent = (tmp_path / "no-server" / "images_background.zip").as_uri()
-    monkeypatch.setitem(omniglot.OMNIGLOT_FILES, "images_background", (absent, "0" * 32))
+    monkeypatch.setitem(omniglot.OMNIGLOT_FILES, "images_background",
+                        KnownFile("images_background.zip", md5="0" * 32, urls=(absent,)))
     root = tmp_path / "target"
 
     with pytest.raises(DatasetError) as info:

@@ -220,11 +220,19 @@ class TaskSampler:
 
     def fixed_tasks(self, count: int, seed: int) -> FixedTasks:
         """``count`` tasks that depend only on ``seed`` (the global RNG is restored afterwards)."""
-        device = self.images.device
-        with python_random_seed(seed):
-            # Moved to the device once here, not at every evaluation.
-            drawn = [tuple(t.to(device) for t in self.sample_indices()) for _ in range(count)]
-        return FixedTasks(self, drawn)
+        return draw_fixed_tasks(self, self.sample_indices, count, seed, self.images.device)
+
+
+def draw_fixed_tasks(sampler: Sampler, draw: Callable[[], tuple], count: int, seed: int,
+                     device: torch.device) -> FixedTasks:
+    """``count`` task descriptions from ``draw()`` under ``python_random_seed(seed)``, for ``sampler``.
+
+    Their tensors are moved to ``device`` once here, not at every evaluation.
+    """
+    with python_random_seed(seed):
+        drawn = [draw() for _ in range(count)]
+    drawn = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in task) for task in drawn]
+    return FixedTasks(sampler, drawn)
 
 
 class FixedTasks:

@@ -123,9 +123,18 @@ def cached(name: str, key: str, cache_dir: str | None, build: Callable[[], Image
 
 def unpickle(path: Path, known: KnownFile) -> object:
     """``path`` unpickled after :func:`verify` passed (latin1: the CIFAR and Ren et al. pickles are Python 2's)."""
-    verify(path, known)
-    with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="latin1")
+    return unpickle_all({path.name: (path, known)})[path.name]
+
+
+def unpickle_all(files: Mapping[str, tuple[Path, KnownFile]]) -> dict[str, object]:
+    """Every ``(path, known)`` verified first, then all unpickled: nothing is unpickled unless all match."""
+    for path, known in files.values():
+        verify(path, known)
+    loaded = {}
+    for name, (path, _) in files.items():
+        with open(path, "rb") as fh:
+            loaded[name] = pickle.load(fh, encoding="latin1")
+    return loaded
 
 
 def finish(splits: ClassSplits, image_size: int, what: str, within_group: bool = False) -> ClassSplits:

@@ -119,7 +119,7 @@ def verify(path: Path, known: KnownFile) -> None:
     Raises:
         DatasetError: one line naming the file, what was expected and what to do.
     """
-    fix = "delete it and rerun with dataset.download=true, or point dataset.root at a good copy"
+    fix = "delete it and re-download (dataset.download=true), or point dataset.root at a good copy"
     if not path.is_file():
         raise DatasetError(
             f"{path} not found ({known.name}, expected {known.expected() or 'no known checksum'}); "
@@ -135,8 +135,8 @@ def verify(path: Path, known: KnownFile) -> None:
         raise DatasetError(f"{path} has {size} bytes but {known.name} has {known.expected()}; {fix}")
     for algorithm in ("sha256", "md5"):
         expected = getattr(known, algorithm)
-        if expected is not None and file_digest(path, algorithm) != expected:
-            raise DatasetError(f"{path} does not match {known.name} (expected {known.expected()}); {fix}")
+        if expected is not None and (actual := file_digest(path, algorithm)) != expected:
+            raise DatasetError(f"{path} has {algorithm} {actual} but {known.name} has {known.expected()}; {fix}")
 
 
 def download(known: KnownFile, dest: Path) -> Path:

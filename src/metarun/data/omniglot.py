@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.client
 import io
 import json
 import logging
@@ -30,7 +29,6 @@ import os
 import random
 import re
 import time
-import urllib.request
 import zipfile
 import zlib
 from collections import defaultdict
@@ -54,22 +52,21 @@ from metarun.data.base import (
     with_rotations,
 )
 from metarun.data.base import cache_dir as cache_dir_of
+from metarun.data.files import KnownFile, verify
+from metarun.data.files import download as download_file
 from metarun.errors import one_line
 
 logger = logging.getLogger(__name__)
 
-# The two halves of the official release: part name -> (download URL, MD5 of the zip).
-# The MD5s are the ones torchvision publishes. Tests replace the entries (monkeypatch) to serve a
-# small zip from a file:// URL.
-OMNIGLOT_FILES: dict[str, tuple[str, str]] = {
-    "images_background": (
-        "https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip",
-        "68d2efa1b9178cc56df9314c21c6e718",
-    ),
-    "images_evaluation": (
-        "https://github.com/brendenlake/omniglot/raw/master/python/images_evaluation.zip",
-        "6b91aef0f799c5bb55b94e3f2daec811",
-    ),
+# The two halves of the official release, with the MD5s torchvision publishes (no SHA-256 is
+# published for them). Tests replace the entries (monkeypatch) to serve a small zip from a file:// URL.
+_OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
+OMNIGLOT_FILES: dict[str, KnownFile] = {
+    part: KnownFile(f"{part}.zip", md5=md5, urls=(f"{_OMNIGLOT_URL}/{part}.zip",))
+    for part, md5 in (
+        ("images_background", "68d2efa1b9178cc56df9314c21c6e718"),
+        ("images_evaluation", "6b91aef0f799c5bb55b94e3f2daec811"),
+    )
 }
 PARTS = tuple(OMNIGLOT_FILES)
 
@@ -328,60 +325,10 @@ def _locate_parts(root: Path, download: bool) -> tuple[Path, list[_Part]]:
             "dataset.download=true"
         )
     for name in missing:
-        _download_part(name, base)
+        # Verified against the published MD5 before it gets its final name (metarun.data.files).
+        download_file(OMNIGLOT_FILES[name], base / f"{name}.zip")
     parts = _find_parts(base)
     return base, [parts[name] for name in PARTS]
-
-
-def _download_part(name: str, dest_dir: Path) -> Path:
-    """Download ``<name>.zip`` into ``dest_dir``, checking its MD5 before it gets its final name.
-
-    The bytes go to ``<name>.zip.part`` first; only a file with the published checksum is renamed
-    to ``<name>.zip``, so an interrupted or tampered download never looks like data.
-    """
-    url, expected_md5 = OMNIGLOT_FILES[name]
-    final = dest_dir / f"{name}.zip"
-    partial = dest_dir / f"{name}.zip.part"
-    logger.info("downloading %s into %s", url, dest_dir)
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-    except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts; IncompleteRead
-        partial.unlink(missing_ok=True)
-        raise DatasetError(
-            f"could not download {name}.zip from {url} into {dest_dir} ({one_line(err)}); download it by "
-            f"hand and put it in {dest_dir}, or set dataset.root=... to a folder holding images_background "
-            "and images_evaluation (folders or the official zips)"
-        ) from err
-
-    actual_md5 = digest.hexdigest()
-    if actual_md5 != expected_md5:
-        partial.unlink(missing_ok=True)
-        raise DatasetError(
-            f"downloaded {name}.zip from {url} has MD5 {actual_md5}, expected {expected_md5}; nothing was "
-            f"kept; try again (the download may have been cut), or put the official file in {dest_dir} by hand"
-        )
-    os.replace(partial, final)
-    return final
-
-
-def _check_zip_md5(zip_path: Path, name: str) -> None:
-    """Refuse a zip that is not the official file (truncated, or a different release)."""
-    expected_md5 = OMNIGLOT_FILES[name][1]
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(zip_path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    actual_md5 = digest.hexdigest()
-    if actual_md5 != expected_md5:
-        raise DatasetError(
-            f"{zip_path} has MD5 {actual_md5} but the official {name}.zip has {expected_md5}; delete it "
-            "and re-download (dataset.download=true), or supply the official file"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +376,7 @@ def _iter_pngs(part: _Part) -> Iterator[tuple[str, str, str, str, bytes]]:
                     yield relative[0], relative[1], file_name, str(path), path.read_bytes()
         return
 
-    _check_zip_md5(part.path, part.name)
+    verify(part.path, OMNIGLOT_FILES[part.name])  # the official file, not a truncated or other release
     try:
         with zipfile.ZipFile(part.path) as archive:
             for member in archive.infolist():

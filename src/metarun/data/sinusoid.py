@@ -24,7 +24,7 @@ import torch
 
 from metarun.data.base import DatasetError
 from metarun.objectives import Regression
-from metarun.tasks import FixedTasks, Task, TaskSplit, python_random_seed
+from metarun.tasks import FixedTasks, Task, TaskSplit, draw_fixed_tasks
 
 
 def check_range(name: str, bounds: Sequence[float]) -> tuple[float, float]:
@@ -121,8 +121,4 @@ class SinusoidSampler:
 
     def fixed_tasks(self, count: int, seed: int) -> FixedTasks:
         """``count`` tasks that depend only on ``seed`` (the global RNG is restored afterwards)."""
-        with python_random_seed(seed):
-            drawn = [self.draw() for _ in range(count)]
-        # Moved to the device once here, not at every evaluation.
-        drawn = [(x.to(self.device), amplitude, phase) for x, amplitude, phase in drawn]
-        return FixedTasks(self, drawn)
+        return draw_fixed_tasks(self, self.draw, count, seed, self.device)
