@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
+from metarun.algorithms.base import MetaUpdate
 from metarun.algorithms.maml import MAML
 from metarun.backbones import Conv4
 from metarun.data.glyphs import load_glyphs
-from metarun.loop import train_step
 from metarun.tasks import TaskSampler
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     # The example's query uses as many samples per class as the support set (2 * shots per class).
     sampler = TaskSampler(splits.train, args.ways, args.shots, args.shots, device)
     algorithm = MAML(Conv4(), ways=args.ways, inner_lr=0.4, inner_steps=args.inner_steps,
-                     first_order=args.first_order).to(device)
+                     eval_inner_steps=args.inner_steps, first_order=args.first_order).to(device)
     ours_opt = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
 
     images = splits.train.images.float().div(255.0)
@@ -93,8 +93,11 @@ def main() -> None:
                                    first_order=args.first_order).to(device)
     base_opt = torch.optim.Adam(baseline.parameters(), lr=1e-3)
 
-    def ours():
-        train_step(algorithm, ours_opt, sampler, args.meta_batch_size, grad_clip=None)
+    update = MetaUpdate(ours_opt, grad_clip=None)
+
+    def ours():  # what metarun's loop does per iteration: sample the meta-batch, then the algorithm's meta-step
+        algorithm.train()
+        algorithm.meta_step([sampler.sample() for _ in range(args.meta_batch_size)], update)
 
     def theirs():
         learn2learn_example_step(baseline, base_opt, taskset, args.meta_batch_size, args.ways, args.shots,

@@ -40,7 +40,7 @@ def load(run_dir: Path, cfg: DictConfig, shots: int, split: str = "test") -> tup
     cfg = OmegaConf.merge(cfg, {"shots": shots})
     device = torch.device("cpu")
     _, val_tasks, test_tasks, objective = build_data(cfg, device)
-    algorithm, _ = build_algorithm(cfg, device, objective)
+    algorithm, _, _ = build_algorithm(cfg, device, objective)
     checkpoint.load_model(run_dir / "checkpoints" / "best.pt", algorithm)
     return algorithm, {"val": val_tasks, "test": test_tasks}[split]
 

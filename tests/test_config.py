@@ -28,7 +28,7 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("name", options("algorithm"))
 def test_algorithm_options_instantiate(compose_cfg, name):
     cfg = compose_cfg(f"algorithm={name}")
-    algorithm, optimizer = build_algorithm(cfg, torch.device("cpu"))
+    algorithm, optimizer, _ = build_algorithm(cfg, torch.device("cpu"))
     assert isinstance(algorithm, Algorithm)
     # Methods without an inner loop have no such options and take 0 steps.
     assert algorithm.inner_steps == cfg.algorithm.get("inner_steps", 0)
@@ -83,7 +83,7 @@ def test_building_a_backbone_leaves_batchnorm_statistics_untouched():
 @pytest.mark.parametrize("name", options("optimizer"))
 def test_optimizer_options_instantiate(compose_cfg, name):
     cfg = compose_cfg(f"optimizer={name}")
-    _, optimizer = build_algorithm(cfg, torch.device("cpu"))
+    _, optimizer, _ = build_algorithm(cfg, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
 

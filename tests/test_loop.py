@@ -22,20 +22,35 @@ def test_ci_is_z_times_std_over_sqrt_n():
     np.testing.assert_allclose(summary["acc_mean"], [0.5, 0.7], rtol=1e-6)
 
 
-def test_batchnorm_mode_uses_batch_statistics_and_restores_buffers():
+def test_batchnorm_mode_switches_batchnorm_only_and_restores_the_modes():
     bn = nn.BatchNorm1d(3)
     bn.running_mean.fill_(5.0)
-    bn.eval()
+    model = nn.Sequential(bn, nn.Dropout(0.5))
+    model.train()
     x = torch.randn(8, 3) * 2 + 1
-    with batchnorm_mode(bn, batch_stats=True):
-        out = bn(x)
-        assert bn.training
+    with batchnorm_mode(model, batch_stats=True):
+        assert bn.training and not model[1].training  # Dropout is never active while evaluating
+        out = model(x)
+        assert torch.equal(out, model(x)), "dropout was active"
     # Batch statistics: each feature of the output is standardised over the batch.
     np.testing.assert_allclose(out.mean(0).detach().numpy(), 0, atol=1e-5)
-    assert not bn.training and torch.all(bn.running_mean == 5.0)
-    with batchnorm_mode(bn, batch_stats=False):
-        out = bn(x)
+    assert model.training and bn.training and model[1].training
+    bn.reset_running_stats()  # the training-mode pass above moved them
+    bn.running_mean.fill_(5.0)
+    with batchnorm_mode(model, batch_stats=False):
+        assert not bn.training and not model[1].training
+        out = model(x)
     np.testing.assert_allclose(out.detach().numpy(), ((x - 5.0) / torch.sqrt(torch.ones(3) + bn.eps)).numpy(), atol=1e-5)
+
+
+def test_evaluation_leaves_every_parameter_and_buffer_unchanged(compose_cfg, tmp_path):
+    from metarun.build import build
+
+    parts = build(compose_cfg(), tmp_path / "parts")
+    before = {k: v.clone() for k, v in parts.algorithm.state_dict().items()}
+    evaluate(parts.algorithm, parts.val_tasks, bn_batch_stats=True, ci_z=1.96)
+    for k, v in parts.algorithm.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def read_jsonl(path):

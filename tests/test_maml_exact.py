@@ -66,15 +66,15 @@ def problem():
 def meta_gradient(W: np.ndarray, task: Task, first_order: bool) -> np.ndarray:
     torch.set_default_dtype(torch.float64)
     try:
-        algorithm = MAML(Identity3(), ways=2, inner_lr=ALPHA, first_order=first_order, inner_steps=1)
+        algorithm = MAML(Identity3(), ways=2, inner_lr=ALPHA, first_order=first_order, inner_steps=1, eval_inner_steps=1)
     finally:
         torch.set_default_dtype(torch.float32)
     head = algorithm.learnable.module[1]
     with torch.no_grad():
         head.weight.copy_(torch.tensor(W[:, :3]))
         head.bias.copy_(torch.tensor(W[:, 3]))
-    results = algorithm.run_task(task, steps=1, every_step=False)
-    algorithm.meta_loss(results).backward()
+    loss, _ = algorithm.train_task(task)
+    loss.backward()
     return np.hstack([head.weight.grad.numpy(), head.bias.grad.numpy()[:, None]])
 
 
@@ -104,8 +104,9 @@ def test_a_head_wider_than_the_task_gives_the_same_learner_as_a_head_of_the_task
     W, task = problem
     torch.set_default_dtype(torch.float64)
     try:
-        narrow = MAML(Identity3(), ways=2, inner_lr=ALPHA, inner_steps=1)
-        wide = MAML(Identity3(), ways=2, train_ways=5, inner_lr=ALPHA, inner_steps=1)
+        narrow = MAML(Identity3(), ways=2, inner_lr=ALPHA, first_order=False, inner_steps=1, eval_inner_steps=1)
+        wide = MAML(Identity3(), ways=2, train_ways=5, inner_lr=ALPHA, first_order=False, inner_steps=1,
+                    eval_inner_steps=1)
     finally:
         torch.set_default_dtype(torch.float32)
     assert wide.head_outputs == 5 and wide.learnable.module[1].out_features == 5

@@ -49,7 +49,7 @@ def test_prototypes_and_distances_match_numpy():
 
     support = split(xs, ys.tolist(), ways)
     assert np.allclose(class_means(support.x, support.y, ways).numpy(), prototypes, atol=1e-12)
-    protonet = ProtoNet(Flat(dim), ways=ways)
+    protonet = ProtoNet(Flat(dim), ways=ways, distance="euclidean", cosine_scale=10.0)
     learner = protonet.adapt(support, steps=0)
     assert np.allclose(learner(torch.tensor(xq)).numpy(), -sq_dist, atol=1e-10)
     logits = prototype_logits(torch.tensor(xq), torch.tensor(prototypes), "cosine", cosine_scale=3.0)
@@ -64,7 +64,7 @@ def test_protonet_loss_is_cross_entropy_of_negative_squared_distances():
     logits = -((xq[:, None] - protos[None]) ** 2).sum(-1)
     log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     expected = -log_softmax[np.arange(4), yq].mean()
-    protonet = ProtoNet(Flat(3), ways=2)
+    protonet = ProtoNet(Flat(3), ways=2, distance="euclidean", cosine_scale=10.0)
     result = protonet.evaluate(protonet.adapt(split(xs, ys, 2), 0), split(xq, yq, 2))
     assert float(result.loss) == pytest.approx(expected, abs=1e-10)
     assert float(result.accuracy) == pytest.approx(np.mean(logits.argmax(1) == np.array(yq)))
@@ -72,13 +72,18 @@ def test_protonet_loss_is_cross_entropy_of_negative_squared_distances():
 
 def test_unknown_distance_is_one_clear_error():
     with pytest.raises(ConfigError, match="euclidean, cosine"):
-        ProtoNet(Flat(3), ways=2, distance="manhattan")
+        ProtoNet(Flat(3), ways=2, distance="manhattan", cosine_scale=10.0)
 
 
-@pytest.mark.parametrize("cls", [ProtoNet, MatchingNet, RelationNet, SiameseNet])
-def test_metric_methods_refuse_regression(cls):
+@pytest.mark.parametrize("cls,options", [
+    (ProtoNet, {"distance": "euclidean", "cosine_scale": 10.0}),
+    (MatchingNet, {"fce": False, "read_steps": 1, "attention_scale": 1.0}),
+    (RelationNet, {"filters": 8, "hidden": 8, "padding": 1}),
+    (SiameseNet, {"embedding_dim": None}),
+], ids=lambda p: getattr(p, "__name__", ""))
+def test_metric_methods_refuse_regression(cls, options):
     with pytest.raises(ConfigError, match="needs a classification dataset.*algorithm=maml"):
-        cls(MLP(in_features=4, hidden=[8]), ways=2, objective=Regression())
+        cls(MLP(in_features=4, hidden=[8]), ways=2, objective=Regression(), **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +94,7 @@ def test_metric_methods_refuse_regression(cls):
 @pytest.mark.parametrize("fce", [False, True])
 def test_matching_attention_weights_sum_to_one_and_give_the_label_distribution(fce):
     torch.manual_seed(0)
-    net = MatchingNet(MLP(in_features=16, hidden=[12]), ways=3, fce=fce, read_steps=3).double()
+    net = MatchingNet(MLP(in_features=16, hidden=[12]), ways=3, fce=fce, read_steps=3, attention_scale=1.0).double()
     support = TaskSplit(torch.rand(6, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
     query = torch.rand(5, 1, 4, 4, dtype=torch.float64)
     learner = net.adapt(support, steps=0)
@@ -118,7 +123,8 @@ def test_cosine_attention_matches_numpy():
 @pytest.mark.parametrize("shots", [1, 3])
 def test_relation_scores_lie_in_unit_interval_and_sum_support_maps(shots):
     torch.manual_seed(0)
-    net = RelationNet(Conv4(hidden=8, image_size=28, pool="max", pooled_blocks=2, pooled_padding=0), ways=4)
+    net = RelationNet(Conv4(hidden=8, image_size=28, pool="max", pooled_blocks=2, pooled_padding=0), ways=4, filters=64, hidden=8,
+                      padding=1)
     labels = torch.arange(4).repeat(shots)
     support = TaskSplit(torch.rand(4 * shots, 1, 28, 28), labels, 4)
     learner = net.adapt(support, steps=0)
@@ -190,8 +196,8 @@ def trained_and_untrained(compose_cfg, tmp_path, *overrides: str) -> tuple[float
     trained = json.loads((tmp_path / "results.json").read_text())["test/acc_mean"]
     seed_everything(cfg.seed)
     _, _, test_tasks, objective = build_data(cfg, torch.device("cpu"))
-    algorithm, _ = build_algorithm(cfg, torch.device("cpu"), objective)
-    untrained = evaluate(algorithm, test_tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).final_accuracy
+    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"), objective)
+    untrained = evaluate(algorithm, test_tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).score("acc")
     return trained, untrained
 
 
@@ -232,7 +238,8 @@ def test_metric_methods_learn_real_omniglot_5w1s(compose_cfg, tmp_path, omniglot
 def test_relation_pairs_put_the_class_maps_first_as_the_authors_code():
     """Each pair is [class maps, query maps] along the channels, scored for every (query, class)."""
     torch.manual_seed(0)
-    net = RelationNet(Conv4(hidden=4, image_size=28, pool="max", pooled_blocks=2, pooled_padding=0), ways=3)
+    net = RelationNet(Conv4(hidden=4, image_size=28, pool="max", pooled_blocks=2, pooled_padding=0), ways=3, filters=64, hidden=8,
+                      padding=1)
     net.eval()
     seen = []
     net.relation.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
@@ -249,4 +256,4 @@ def test_relation_pairs_put_the_class_maps_first_as_the_authors_code():
 
 def test_siamese_needs_two_ways():
     with pytest.raises(ConfigError, match="at least 2 ways"):
-        SiameseNet(Flat(3), ways=1)
+        SiameseNet(Flat(3), ways=1, embedding_dim=None)

@@ -98,7 +98,7 @@ def test_build_data_takes_the_objective_from_the_dataset_and_ignores_ways(compos
     task = next(iter(test))
     assert task.support.x.shape == (5, 1) and task.query.x.shape == (3, 1)
     assert len(val) == cfg.eval.val_tasks and len(test) == cfg.eval.tasks
-    algorithm, _ = build_algorithm(cfg, torch.device("cpu"), objective)
+    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"), objective)
     assert algorithm.head_outputs == 1  # 1-40-40-1
     assert [p.shape for p in algorithm.parameters()] == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
 
@@ -130,7 +130,7 @@ def test_build_data_asks_any_task_source_for_three_samplers_augmenting_training_
 def test_pretrained_trains_without_an_inner_loop(compose_cfg):
     cfg = compose_cfg(*SINUSOID, "algorithm=pretrained", "shots=5", "query_shots=5")
     train, _, _, objective = build_data(cfg, torch.device("cpu"))
-    algorithm, _ = build_algorithm(cfg, torch.device("cpu"), objective)
+    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"), objective)
     task = train.sample()
     [result] = algorithm.run_task(task, algorithm.inner_steps, every_step=False)
     unadapted = algorithm.learnable(task.query.x)
@@ -165,7 +165,9 @@ def test_regression_run_reports_mse_under_the_accuracy_keys_names_and_no_accurac
                                 "algorithm.eval_inner_steps=2"), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert not [key for key in results if "acc" in key]
-    assert results["best_val_loss"] == pytest.approx(-objective) and results["best_val_loss"] > 0
+    # The sweepers' objective is the MSE itself (lower is better), not minus it in an "accuracy".
+    assert results["best_val_mse"] == pytest.approx(objective) and results["best_val_mse"] > 0
+    assert results["best_val_mse"] == min(r["val/mse"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "val/mse" in r)
     assert results["test/loss_mean"] == results["test/mse_mean"] == results["curves"]["test"]["mse_mean"][-1] > 0
     assert results["test/loss_ci95"] > 0
     assert len(results["curves"]["test"]["mse_mean"]) == 3  # steps 0, 1, 2

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun import config
 from metarun.algorithms.base import Algorithm
-from metarun.errors import ConfigError
+from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
 from metarun.tasks import FixedTasks, Sampler, TaskSource
 from metarun.tracking import ConsoleTracker, FileTracker, Tracker, Trackers
@@ -38,6 +38,7 @@ class Parts:
     device: torch.device
     algorithm: Algorithm
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     train_sampler: Sampler
     val_tasks: FixedTasks
     test_tasks: FixedTasks
@@ -81,15 +82,44 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTas
     )
 
 
+# What the build passes to every algorithm's constructor, besides the options of its config;
+# ``features`` only when the run has a backbone. The README's "Adding an algorithm" lists them.
+BUILD_ARGUMENTS = ("features", "ways", "train_ways", "objective")
+
+
+def constructor_error(error: BaseException, target: str) -> ConfigError | None:
+    """One line for an algorithm constructor called with arguments it does not take, or without
+    ones it needs (Hydra reports these as a multi-line TypeError)."""
+    while error is not None:
+        if isinstance(error, TypeError) and "argument" in str(error):
+            message = one_line(error).split("__init__() ")[-1]
+            return ConfigError(
+                f"{target}: {message}; the build passes {', '.join(BUILD_ARGUMENTS)} (features only with a "
+                f"backbone: choose one, or backbone=null for an algorithm with its own network) and the options of "
+                f"its conf/algorithm/ file (README: Adding an algorithm)"
+            )
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective | None = None
-                    ) -> tuple[Algorithm, torch.optim.Optimizer]:
-    """The algorithm (on ``device``) and its meta-optimizer; ``objective`` comes from the dataset."""
-    features = instantiate(cfg.backbone)
-    algorithm = instantiate(cfg.algorithm, features=features, ways=cfg.ways, train_ways=cfg.train_ways,
-                            objective=objective or Classification())
+                    ) -> tuple[Algorithm, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The algorithm (on ``device``), its meta-optimizer and the optimizer's schedule (None
+    without one); ``objective`` comes from the dataset."""
+    passed: dict[str, Any] = {"ways": cfg.ways, "train_ways": cfg.train_ways, "objective": objective or Classification()}
+    if cfg.backbone is not None:
+        passed["features"] = instantiate(cfg.backbone)
+    try:
+        algorithm = instantiate(cfg.algorithm, **passed)
+    except Exception as error:
+        cause = constructor_error(error, cfg.algorithm.get("_target_", "algorithm"))
+        if cause is None:
+            raise
+        raise cause from None
     algorithm = algorithm.to(device)
     optimizer = instantiate(cfg.optimizer)(params=algorithm.parameters())
-    return algorithm, optimizer
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler is not None else None
+    return algorithm, optimizer, scheduler
 
 
 def build_tracker(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None) -> Tracker:
@@ -113,6 +143,6 @@ def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | No
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     train_sampler, val_tasks, test_tasks, objective = build_data(cfg, device)
-    algorithm, optimizer = build_algorithm(cfg, device, objective)
+    algorithm, optimizer, scheduler = build_algorithm(cfg, device, objective)
     tracker = build_tracker(cfg, output_dir, wandb_defaults)
-    return Parts(device, algorithm, optimizer, train_sampler, val_tasks, test_tasks, tracker, objective)
+    return Parts(device, algorithm, optimizer, scheduler, train_sampler, val_tasks, test_tasks, tracker, objective)

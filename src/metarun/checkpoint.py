@@ -10,17 +10,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from metarun.errors import one_line
-
-State = TypeVar("State")
 
 
 class CheckpointError(RuntimeError):
@@ -50,19 +49,43 @@ def _umask() -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from: Python's (learn2learn samples tasks with it), NumPy's, torch's."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from: Python's (learn2learn samples tasks with it), NumPy's, torch's,
+    as tensors and plain lists, so that a checkpoint loads with ``weights_only=True``."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy().astype(np.uint32) if isinstance(keys, torch.Tensor) else keys  # older checkpoints: ndarray
+    np.random.set_state((name, keys, pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def safe_load(path: Path) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, so a file named
+    as a checkpoint can never run code. Checkpoints written before the RNG states were tensors
+    hold NumPy's state as an array; reconstructing a NumPy array runs no code, so exactly those
+    NumPy types are allowed too."""
+    numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    numpy_array = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(numpy_array):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or "algorithm" not in saved:
+        raise CheckpointError(f"{path} is not a metarun checkpoint (no model weights in it)")
+    return saved
 
 
 def save_model(path: Path, algorithm: nn.Module, iteration: int) -> None:
@@ -71,16 +94,18 @@ def save_model(path: Path, algorithm: nn.Module, iteration: int) -> None:
 
 def load_model(path: Path, algorithm: nn.Module) -> int:
     """Load the meta-parameters saved by :func:`save_model`; returns the iteration they are from."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = safe_load(path)
     algorithm.load_state_dict(saved["algorithm"])
     return saved["iteration"]
 
 
-def save_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
+def save_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None, state: Any) -> None:
     atomic_save(
         {
             "algorithm": algorithm.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "state": dataclasses.asdict(state),
             "rng": rng_state(),
         },
@@ -98,13 +123,33 @@ def resolve(resume: str | Path) -> Path:
     return path
 
 
-def load_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer, state_type: type[State]) -> State:
-    """Restore model, optimizer and RNG states saved by :func:`save_run`; returns the run state."""
+def load_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> dict[str, Any]:
+    """Restore model, optimizer, schedule and RNG states saved by :func:`save_run`; returns the
+    saved run state (a dict)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = safe_load(path)
         algorithm.load_state_dict(saved["algorithm"])
         optimizer.load_state_dict(saved["optimizer"])
-    except (RuntimeError, KeyError, EOFError, OSError) as error:
+        if scheduler is not None and saved.get("scheduler") is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        elif (scheduler is None) != (saved.get("scheduler") is None):
+            raise CheckpointError(f"cannot resume from {path}: it was saved "
+                                  f"{'without' if scheduler is not None else 'with'} a scheduler; "
+                                  f"resume with the same scheduler option")
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one line for the user
         raise CheckpointError(f"cannot resume from {path}: {one_line(error)}") from None
     set_rng_state(saved["rng"])
-    return state_type(**saved["state"])
+    return saved["state"]
+
+
+def carry_over(source_dir: Path, target_dir: Path, names: list[str]) -> None:
+    """Copy the checkpoint files ``names`` (relative paths) of a resumed run into the new run's
+    checkpoint directory, unless it is the same directory."""
+    for name in names:
+        source, target = source_dir / name, target_dir / name
+        if source.is_file() and source.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)

@@ -17,9 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun import config  # registers the run_schema with Hydra's ConfigStore
 from metarun.checkpoint import CheckpointError
-from metarun.data.base import DatasetError
-from metarun.errors import ConfigError
-from metarun.loop import NonFiniteLossError, OutputExistsError, run
+from metarun.errors import ConfigError, DatasetError, NonFiniteLossError
+from metarun.loop import OutputExistsError, run
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError)
 

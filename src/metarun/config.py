@@ -17,43 +17,48 @@ from metarun.errors import ConfigError, one_line
 
 @dataclass
 class EvalConfig:
-    """Meta-validation and meta-test protocol."""
+    """Meta-validation and meta-test protocol. Values: conf/config.yaml (``eval:``)."""
 
-    tasks: int = 600  # fixed test tasks (MAML and RelationNet use 600)
-    val_tasks: int = 100  # fixed validation tasks
-    ci_z: float = 1.96  # CI half-width = ci_z * std / sqrt(tasks)
-    bn_batch_stats: bool = True  # BatchNorm uses the task's batch statistics at evaluation (MAML, transductive)
+    tasks: int = MISSING  # fixed test tasks (MAML and RelationNet use 600)
+    val_tasks: int = MISSING  # fixed validation tasks
+    ci_z: float = MISSING  # CI half-width = ci_z * std / sqrt(tasks); 1.96 for 95%
+    bn_batch_stats: bool = MISSING  # BatchNorm uses the task's batch statistics at evaluation (MAML, transductive)
+    top_k: int = MISSING  # test the ensemble of the top_k validation checkpoints (MAML++: 5); 1: best.pt alone
 
 
 @dataclass
 class RunConfig:
-    """Top-level settings; the component groups (dataset, algorithm, backbone, optimizer) carry a ``_target_``."""
+    """Top-level settings: their types and meaning. Their values are declared once, in
+    conf/config.yaml (or an experiment preset); nothing here is a default. The component groups
+    (dataset, algorithm, backbone, optimizer, scheduler, augment) carry a ``_target_``."""
 
     dataset: Any = MISSING
     algorithm: Any = MISSING
-    backbone: Any = MISSING
+    # Optional groups: None is what "no option chosen" (``backbone=null``) leaves, not a default value.
+    backbone: Any = None  # null for algorithms that bring their own network
     optimizer: Any = MISSING
+    scheduler: Any = None  # meta learning-rate schedule (conf/scheduler/), null: constant
     wandb: Any = MISSING
-    augment: Any = None  # training-only image augmentation (conf/augment/), applied to every training task
+    augment: Any = None  # training-only image augmentation (conf/augment/), null: none
 
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N ; auto picks cuda when available
-    threads: int = 1  # torch CPU threads; 0 keeps torch's default (one per core), which crawls on a busy CPU
-    iterations: int = 1000  # meta-training iterations (one meta-batch each)
-    meta_batch_size: int = 32  # tasks per meta-update
-    grad_clip: float | None = None  # clip the meta-gradient's global norm
-    ways: int = 5  # classes per evaluation task
-    shots: int = 1  # support samples per class at evaluation (K points for regression)
-    query_shots: int = 1  # query samples per class at evaluation
-    train_ways: int = "${ways}"  # type: ignore[assignment]  # classes per training task
-    train_shots: int = "${shots}"  # type: ignore[assignment]  # support samples per class in training
-    train_query_shots: int = "${query_shots}"  # type: ignore[assignment]
-    eval_every: int = 100  # validate every N iterations (and after the last)
-    checkpoint_every: int = 100  # write checkpoints/last.pt every N iterations
+    seed: int = MISSING
+    device: str = MISSING  # auto | cpu | cuda | cuda:N ; auto picks cuda when available
+    threads: int = MISSING  # torch CPU threads; 0 keeps torch's default (one per core), which crawls on a busy CPU
+    iterations: int = MISSING  # meta-training iterations (one meta-batch each)
+    meta_batch_size: int = MISSING  # tasks per meta-update
+    grad_clip: float | None = MISSING  # clip the meta-gradient's global norm; null: no clipping
+    ways: int = MISSING  # classes per evaluation task
+    shots: int = MISSING  # support samples per class at evaluation (K points for regression)
+    query_shots: int = MISSING  # query samples per class at evaluation
+    train_ways: int = MISSING  # classes per training task
+    train_shots: int = MISSING  # support samples per class in training
+    train_query_shots: int = MISSING  # query samples per class in training
+    eval_every: int = MISSING  # validate every N iterations (and after the last)
+    checkpoint_every: int = MISSING  # write checkpoints/last.pt every N iterations
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str | None = None  # None: Hydra's output directory of the job
-    resume: str | None = None  # a checkpoint file or a run directory holding checkpoints/last.pt
-    console: bool = True  # rich progress bar and tables
+    output_dir: str | None = MISSING  # null: Hydra's output directory of the job
+    resume: str | None = MISSING  # a checkpoint file or a run directory holding checkpoints/last.pt
+    console: bool = MISSING  # rich progress bar and tables
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -85,6 +90,7 @@ def validate(cfg: DictConfig) -> None:
         "checkpoint_every": cfg.checkpoint_every,
         "eval.tasks": cfg.eval.tasks,
         "eval.val_tasks": cfg.eval.val_tasks,
+        "eval.top_k": cfg.eval.top_k,
         "ways": cfg.ways,
         "shots": cfg.shots,
         "query_shots": cfg.query_shots,
@@ -95,6 +101,10 @@ def validate(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
+    if cfg.eval.ci_z <= 0:
+        raise ConfigError(f"eval.ci_z must be > 0 (1.96 for a 95% interval), got {cfg.eval.ci_z}")
     if cfg.threads < 0:
         raise ConfigError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:

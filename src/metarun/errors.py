@@ -7,6 +7,14 @@ class ConfigError(ValueError):
     """A configuration value that cannot work. The message is one line for the user."""
 
 
+class DatasetError(RuntimeError):
+    """Data is missing, corrupt or does not fit the request. The message is one line for the user."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The meta-training loss became NaN or infinite."""
+
+
 def one_line(error: BaseException) -> str:
     """The first line of an error's message (or its type), for one-line user messages."""
     text = str(error).strip()

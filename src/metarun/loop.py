@@ -1,9 +1,9 @@
 """Meta-training and evaluation, in plain functions a newcomer reads top to bottom.
 
-The loop owns the meta-optimizer, the backward pass, metrics and checkpoints; it calls the
-algorithm only through its contract (``run_task``, ``meta_loss``, ``inner_steps``,
-``eval_inner_steps``) and never looks inside it. Training, validation and testing share
-``Algorithm.run_task``; validation and testing share :func:`evaluate`.
+The loop owns sampling, the meta-optimizer and its schedule, the non-finite check, clipping,
+metrics and checkpoints; it calls the algorithm only through its contract (``on_iteration``,
+``meta_step``, ``run_task``, ``eval_inner_steps``) and never looks inside it. Validation and
+testing share :func:`evaluate`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from metarun import checkpoint
-from metarun.algorithms.base import Algorithm
+from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.build import build
+from metarun.errors import NonFiniteLossError
+from metarun.objectives import Objective
+from metarun.task_types import TaskResult
 from metarun.tasks import FixedTasks, Sampler
 from metarun.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The meta-training loss became NaN or infinite."""
 
 
 @dataclass
@@ -40,8 +38,7 @@ class Evaluation:
     """Query metrics of fixed tasks after each adaptation step.
 
     Attributes:
-        loss: ``[tasks, steps + 1]`` query loss after 0..steps adaptation steps (one column for
-            methods without an inner loop).
+        loss: ``[tasks, steps + 1]`` query loss after 0..steps adaptation steps.
         accuracy: same shape, query accuracy in [0, 1]; None for regression.
         ci_z: z-value of the confidence interval (1.96 for 95%).
         loss_metric: the objective's name for the loss when it is the task's metric (``"mse"``
@@ -52,6 +49,15 @@ class Evaluation:
     accuracy: torch.Tensor | None
     ci_z: float
     loss_metric: str | None = None
+
+    @classmethod
+    def of(cls, results: list[list[TaskResult]], ci_z: float, loss_metric: str | None) -> Evaluation:
+        """From ``results[task][step]``."""
+        loss = torch.stack([torch.stack([r.loss for r in task]) for task in results]).cpu()
+        accuracy = None
+        if results[0][0].accuracy is not None:
+            accuracy = torch.stack([torch.stack([r.accuracy for r in task]) for task in results]).cpu()
+        return cls(loss=loss, accuracy=accuracy, ci_z=ci_z, loss_metric=loss_metric)
 
     def _ci(self, values: torch.Tensor) -> torch.Tensor:
         n = values.shape[0]
@@ -75,107 +81,117 @@ class Evaluation:
         return {f"{split}/{key.removesuffix('_mean')}": values[-1]
                 for key, values in self.summary().items() if key.endswith("_mean")}
 
-    @property
-    def final_accuracy(self) -> float:
-        """The validation objective, higher is better: mean query accuracy after the last
-        adaptation step, or minus the mean query loss for objectives without accuracy."""
-        return float(self.accuracy[:, -1].mean()) if self.accuracy is not None else -float(self.loss[:, -1].mean())
+    def score(self, metric: str) -> float:
+        """The mean of ``metric`` (``"acc"``, ``"mse"``, ``"loss"``) after the last adaptation step."""
+        return self.summary()[f"{metric}_mean"][-1]
 
 
 @contextlib.contextmanager
 def batchnorm_mode(module: nn.Module, batch_stats: bool) -> Iterator[None]:
-    """Run ``module`` with BatchNorm on batch statistics (``batch_stats``) or running statistics.
+    """Evaluation mode, with BatchNorm on batch statistics (``batch_stats``) or running statistics.
 
-    MAML evaluates with the statistics of each task's batch (transductive, Finn et al. 2017),
-    i.e. in train mode. Train mode also updates the running statistics in place, so they are
-    restored on exit: evaluating never changes the model.
+    Every layer is put in eval mode (Dropout is off), and then only the BatchNorm layers are
+    switched to training mode when ``batch_stats``: MAML evaluates with the statistics of each
+    task's batch (transductive, Finn et al. 2017). Buffers are never written here:
+    ``Algorithm.run_task`` runs on private copies of them. The modes are restored on exit.
     """
-    was_training = module.training
-    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
-    module.train(batch_stats)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(batch_stats)
     try:
         yield
     finally:
-        module.train(was_training)
-        with torch.no_grad():
-            for name, buffer in module.named_buffers():
-                buffer.copy_(saved[name])
+        for m, training in modes.items():
+            m.training = training
+
+
+def task_results(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool) -> list[list[TaskResult]]:
+    """``results[task][step]``: adapt to each fixed task with ``eval_inner_steps`` steps and score
+    every step on its query set."""
+    with torch.no_grad(), batchnorm_mode(algorithm, bn_batch_stats):
+        return [algorithm.run_task(task, algorithm.eval_inner_steps, every_step=True) for task in tasks]
 
 
 def evaluate(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float,
              loss_metric: str | None = None) -> Evaluation:
-    """Adapt to each fixed task with ``eval_inner_steps`` steps and score every step on its query set.
+    """Query metrics of every fixed task after every adaptation step.
 
     ``loss_metric`` is the objective's name for the loss when it is the metric (``"mse"``).
     """
-    losses, accuracies = [], []
-    with torch.no_grad(), batchnorm_mode(algorithm, bn_batch_stats):
-        for task in tasks:
-            results = algorithm.run_task(task, algorithm.eval_inner_steps, every_step=True)
-            losses.append(torch.stack([r.loss for r in results]).cpu())
-            if results[0].accuracy is not None:
-                accuracies.append(torch.stack([r.accuracy for r in results]).cpu())
-    return Evaluation(
-        loss=torch.stack(losses),
-        accuracy=torch.stack(accuracies) if accuracies else None,
-        ci_z=ci_z,
-        loss_metric=loss_metric,
-    )
+    return Evaluation.of(task_results(algorithm, tasks, bn_batch_stats), ci_z, loss_metric)
 
 
-def train_step(
-    algorithm: Algorithm,
-    optimizer: torch.optim.Optimizer,
-    sampler: Sampler,
-    meta_batch_size: int,
-    grad_clip: float | None,
-) -> dict[str, float]:
-    """One meta-update: average the meta-loss over ``meta_batch_size`` fresh tasks and step.
+def evaluate_ensemble(algorithm: Algorithm, checkpoints: list[Path], tasks: FixedTasks, objective: Objective,
+                      bn_batch_stats: bool, ci_z: float) -> Evaluation:
+    """Query metrics of the ensemble of the models saved in ``checkpoints``, after every step.
 
-    Each task's loss is backpropagated as soon as it is computed, so only one task's graph is
-    alive at a time; gradients accumulate into ``.grad`` as the mean over the meta-batch.
-    ``train/acc`` is reported only for objectives with an accuracy (not for regression).
+    Each model adapts to each task on its own; the ensemble's prediction after step k is the
+    mean of the members' predictions after step k (Antoniou et al. 2019 test MAML++ as the
+    ensemble of its top-5 validation checkpoints). ``algorithm`` ends holding the last member.
     """
-    algorithm.train()
-    optimizer.zero_grad(set_to_none=True)
-    # Kept on the device and read once per meta-batch: a .item() per task would make the CPU wait
-    # for the GPU after every task.
-    losses, accuracies = [], []
-    for _ in range(meta_batch_size):
-        results = algorithm.run_task(sampler.sample(), algorithm.inner_steps, every_step=False)
-        loss = algorithm.meta_loss(results)
-        (loss / meta_batch_size).backward()
-        losses.append(loss.detach())
-        if results[-1].accuracy is not None:
-            accuracies.append(results[-1].accuracy.detach())
-    total_loss = torch.stack(losses).sum().item()
-    if not math.isfinite(total_loss):
-        raise NonFiniteLossError(f"meta-training loss is {total_loss}")
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(algorithm.parameters(), grad_clip)
-    optimizer.step()
-    metrics = {"train/loss": total_loss / meta_batch_size}
-    if accuracies:
-        metrics["train/acc"] = torch.stack(accuracies).sum().item() / meta_batch_size
-    return metrics
+    members = []
+    for path in checkpoints:
+        checkpoint.load_model(path, algorithm)
+        members.append(task_results(algorithm, tasks, bn_batch_stats))
+    combined = [
+        [objective.ensemble([member[t][k] for member in members], task.query) for k in range(len(members[0][t]))]
+        for t, task in enumerate(tasks)
+    ]
+    return Evaluation.of(combined, ci_z, objective.loss_metric)
 
 
 @dataclass
 class RunState:
-    """What a checkpoint holds besides the model and optimizer: enough to continue exactly."""
+    """What a checkpoint holds besides the model, optimizer and schedule: enough to continue exactly.
+
+    ``best_val`` is the objective's metric (accuracy, or MSE for regression) in its own
+    direction; ``top`` lists the ``(val, iteration)`` of the kept top-k checkpoints, best first.
+    """
 
     iteration: int = 0  # meta-updates done
-    best_val_acc: float = -math.inf  # Evaluation.final_accuracy: accuracy, or minus the loss for regression
+    best_val: float | None = None
     best_iteration: int = -1
+    top: list[tuple[float, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], objective: Objective) -> RunState:
+        """The state in a checkpoint, including those written before ``best_val`` had its own
+        direction (``best_val_acc`` held minus the loss for regression)."""
+        saved = dict(saved)
+        if "best_val_acc" in saved:
+            old = saved.pop("best_val_acc")
+            saved["best_val"] = None if not math.isfinite(old) else (old if objective.higher_is_better else -old)
+        saved["top"] = [tuple(entry) for entry in saved.get("top", [])]
+        return cls(**saved)
+
+
+def top_checkpoint(ckpt_dir: Path, iteration: int) -> Path:
+    return ckpt_dir / "top" / f"iteration_{iteration:07d}.pt"
+
+
+def keep_top(state: RunState, score: float, algorithm: Algorithm, ckpt_dir: Path, top_k: int,
+             objective: Objective) -> None:
+    """Keep the ``top_k`` best validation checkpoints in ``checkpoints/top/`` (for an ensemble test)."""
+    ranked = sorted([*state.top, (score, state.iteration)], key=lambda e: e[0], reverse=objective.higher_is_better)
+    kept, dropped = ranked[:top_k], ranked[top_k:]
+    if (score, state.iteration) in kept:
+        checkpoint.save_model(top_checkpoint(ckpt_dir, state.iteration), algorithm, state.iteration)
+    for _, iteration in dropped:
+        top_checkpoint(ckpt_dir, iteration).unlink(missing_ok=True)
+    state.top = kept
 
 
 def meta_train(
     algorithm: Algorithm,
     optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     train_sampler: Sampler,
     val_tasks: FixedTasks,
     tracker: Tracker,
     output_dir: Path,
+    objective: Objective,
     iterations: int,
     meta_batch_size: int,
     eval_every: int,
@@ -183,47 +199,54 @@ def meta_train(
     grad_clip: float | None,
     bn_batch_stats: bool,
     ci_z: float,
+    top_k: int = 1,
     resume_from: Path | None = None,
-    loss_metric: str | None = None,
 ) -> RunState:
     """Meta-train, validating every ``eval_every`` iterations and keeping the best checkpoint.
 
-    Writes ``checkpoints/best.pt`` (best mean validation accuracy after the last adaptation
-    step; lowest loss for regression) and ``checkpoints/last.pt`` (everything needed to resume).
-    ``loss_metric`` is the objective's name for the loss when it is the metric (``"mse"``).
-    Returns the final state.
+    Writes ``checkpoints/best.pt`` (best validation metric after the last adaptation step:
+    highest accuracy, lowest MSE for regression), ``checkpoints/last.pt`` (everything needed to
+    resume) and, with ``top_k > 1``, the ``top_k`` best in ``checkpoints/top/``. Returns the final state.
     """
     state = RunState()
     ckpt_dir = output_dir / "checkpoints"
     if resume_from is not None:
-        state = checkpoint.load_run(resume_from, algorithm, optimizer, RunState)
-        # The best model so far belongs to the resumed run; carry it over so it can still win.
-        previous_best = resume_from.parent / "best.pt"
-        if previous_best.is_file() and previous_best.resolve() != (ckpt_dir / "best.pt").resolve():
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(previous_best, ckpt_dir / "best.pt")
+        saved_state = checkpoint.load_run(resume_from, algorithm, optimizer, scheduler)
+        state = RunState.from_saved(saved_state, objective)
+        # The best models so far belong to the resumed run; carry them over so they can still win.
+        checkpoint.carry_over(resume_from.parent, ckpt_dir, ["best.pt", *(str(top_checkpoint(Path(), i))
+                                                                          for _, i in state.top)])
         log.info("resumed from %s at iteration %d", resume_from, state.iteration)
+    update = MetaUpdate(optimizer, grad_clip)
     tracker.start_training(iterations, state.iteration)
     try:  # the progress bar must stop even when training stops with an error
         while state.iteration < iterations:
+            algorithm.on_iteration(state.iteration, iterations)
+            tasks = [train_sampler.sample() for _ in range(meta_batch_size)]
+            algorithm.train()
             try:
-                metrics = train_step(algorithm, optimizer, train_sampler, meta_batch_size, grad_clip)
+                metrics = algorithm.meta_step(tasks, update)
             except NonFiniteLossError as error:
                 raise NonFiniteLossError(
                     f"{error} at iteration {state.iteration + 1}; lower optimizer.lr or algorithm.inner_lr, "
                     f"or set grad_clip (checkpoints so far are in {ckpt_dir})"
                 ) from None
+            if scheduler is not None:
+                metrics["train/lr"] = optimizer.param_groups[0]["lr"]  # the rate this update used
+                scheduler.step()
             state.iteration += 1
             tracker.log(metrics, state.iteration)
             if state.iteration % eval_every == 0 or state.iteration == iterations:
-                val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z, loss_metric)
-                val_metrics = val.final_metrics("val")
-                if val.final_accuracy > state.best_val_acc:
-                    state.best_val_acc, state.best_iteration = val.final_accuracy, state.iteration
+                val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z, objective.loss_metric)
+                score = val.score(objective.metric)
+                if objective.better(score, state.best_val):
+                    state.best_val, state.best_iteration = score, state.iteration
                     checkpoint.save_model(ckpt_dir / "best.pt", algorithm, state.iteration)
-                tracker.log(val_metrics, state.iteration)
+                if top_k > 1:
+                    keep_top(state, score, algorithm, ckpt_dir, top_k, objective)
+                tracker.log(val.final_metrics("val"), state.iteration)
             if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
-                checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, state)
+                checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, scheduler, state)
     finally:
         tracker.end_training()
     return state
@@ -234,41 +257,51 @@ class OutputExistsError(FileExistsError):
 
 
 def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None) -> float:
-    """Build the parts, meta-train, test the best-on-validation model, write the results.
+    """Build the parts, meta-train, test the best-on-validation model (or the ensemble of the
+    ``eval.top_k`` best), write the results.
 
     Returns:
-        The best mean validation accuracy (after the last adaptation step), or minus the best
-        validation loss for objectives without accuracy: the objective that Hydra's sweepers
-        maximise.
+        The best mean validation metric after the last adaptation step, in its own direction
+        (accuracy: higher is better; MSE for regression: lower is better): the objective that
+        Hydra's sweepers maximise or minimise.
     """
     output_dir = Path(output_dir)
     if (output_dir / "results.json").exists():
         raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")
     resume_from = checkpoint.resolve(cfg.resume) if cfg.resume else None
     parts = build(cfg, output_dir, wandb_defaults)
+    objective = parts.objective
     started = time.perf_counter()
     log.info("device %s, %d meta-parameters", parts.device, sum(p.numel() for p in parts.algorithm.parameters()))
     state = meta_train(
-        parts.algorithm, parts.optimizer, parts.train_sampler, parts.val_tasks, parts.tracker, output_dir,
-        iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size, eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every, grad_clip=cfg.grad_clip, bn_batch_stats=cfg.eval.bn_batch_stats,
-        ci_z=cfg.eval.ci_z, resume_from=resume_from, loss_metric=parts.objective.loss_metric,
+        parts.algorithm, parts.optimizer, parts.scheduler, parts.train_sampler, parts.val_tasks, parts.tracker,
+        output_dir, objective, iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size,
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, grad_clip=cfg.grad_clip,
+        bn_batch_stats=cfg.eval.bn_batch_stats, ci_z=cfg.eval.ci_z, top_k=cfg.eval.top_k, resume_from=resume_from,
     )
     train_seconds = time.perf_counter() - started
 
-    checkpoint.load_model(output_dir / "checkpoints" / "best.pt", parts.algorithm)
-    curves = {
-        split: evaluate(parts.algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z,
-                        parts.objective.loss_metric).summary()
-        for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
-    }
+    ckpt_dir = output_dir / "checkpoints"
+    if cfg.eval.top_k > 1:
+        tested = [top_checkpoint(ckpt_dir, iteration) for _, iteration in state.top]
+        curves = {
+            split: evaluate_ensemble(parts.algorithm, tested, tasks, objective, cfg.eval.bn_batch_stats,
+                                     cfg.eval.ci_z).summary()
+            for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
+        }
+    else:
+        checkpoint.load_model(ckpt_dir / "best.pt", parts.algorithm)
+        curves = {
+            split: evaluate(parts.algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z,
+                            objective.loss_metric).summary()
+            for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
+        }
     parts.tracker.log_adaptation(curves)
     test = curves["test"]
-    # The best validation score is an accuracy, or minus a loss: written as what it is.
-    best = {"best_val_acc": state.best_val_acc} if "acc_mean" in test else {"best_val_loss": -state.best_val_acc}
     results: dict[str, Any] = {
         "best_iteration": state.best_iteration,
-        **best,
+        f"best_val_{objective.metric}": state.best_val,
+        "tested_iterations": [iteration for _, iteration in state.top] if cfg.eval.top_k > 1 else [state.best_iteration],
         "eval_tasks": len(parts.test_tasks),
         "eval_inner_steps": parts.algorithm.eval_inner_steps,
         "train_seconds": train_seconds,
@@ -280,4 +313,4 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     for key, values in test.items():  # test/acc_mean, test/acc_ci95, test/loss_mean, ... (test/mse_* for regression)
         results[f"test/{key}"] = values[-1]
     parts.tracker.finish(results)
-    return state.best_val_acc
+    return state.best_val

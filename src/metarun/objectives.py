@@ -10,35 +10,19 @@ loop and trackers treat it as optional.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # tasks imports the data modules, which import this module for their objective
-    from metarun.tasks import TaskSplit
-
-
-@dataclass
-class TaskResult:
-    """Query metrics of one learner on one task.
-
-    Attributes:
-        loss: scalar tensor, differentiable w.r.t. the meta-parameters when gradients are enabled.
-        accuracy: scalar tensor in [0, 1], or None for methods without classes (regression).
-    """
-
-    loss: torch.Tensor
-    accuracy: torch.Tensor | None
-
+from metarun.task_types import TaskResult, TaskSplit
 
 
 def classification_result(logits: torch.Tensor, labels: torch.Tensor) -> TaskResult:
-    """Cross-entropy and accuracy of ``logits [n, ways]`` against ``labels [n]``."""
+    """Cross-entropy and accuracy of ``logits [n, ways]`` against ``labels [n]``; the predictions
+    are the class probabilities."""
     loss = nn.functional.cross_entropy(logits, labels)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
-    return TaskResult(loss=loss, accuracy=accuracy)
+    return TaskResult(loss=loss, accuracy=accuracy, predictions=logits.detach().softmax(dim=1))
 
 
 class Objective(ABC):
@@ -49,9 +33,20 @@ class Objective(ABC):
             the loss itself measures success (regression: ``"mse"``, so curves read
             ``adapt/test_mse``); None when it is only a training loss (classification reports
             accuracy).
+        metric: the name of the metric that measures success, and selects the best checkpoint
+            and the sweepers' objective: ``"acc"`` or the loss metric (``"mse"``).
+        higher_is_better: the direction of ``metric``.
     """
 
     loss_metric: str | None = None
+    metric: str = "acc"
+    higher_is_better: bool = True
+
+    def better(self, value: float, than: float | None) -> bool:
+        """True when ``value`` of :attr:`metric` beats ``than`` (None: nothing to beat yet)."""
+        if than is None:
+            return True
+        return value > than if self.higher_is_better else value < than
 
     @abstractmethod
     def outputs(self, ways: int) -> int:
@@ -64,6 +59,12 @@ class Objective(ABC):
     @abstractmethod
     def result(self, predictions: torch.Tensor, split: TaskSplit) -> TaskResult:
         """Loss and metrics of ``predictions [n, outputs]`` on ``split``."""
+
+    @abstractmethod
+    def ensemble(self, members: list[TaskResult], split: TaskSplit) -> TaskResult:
+        """The result of an ensemble whose members scored ``members`` on ``split``: metrics of the
+        members' mean predictions (Antoniou et al. 2019 test MAML++ as an ensemble of its top-5
+        validation checkpoints)."""
 
 
 class Classification(Objective):
@@ -84,6 +85,14 @@ class Classification(Objective):
     def result(self, predictions: torch.Tensor, split: TaskSplit) -> TaskResult:
         return classification_result(predictions[:, : split.ways], split.y)
 
+    def ensemble(self, members: list[TaskResult], split: TaskSplit) -> TaskResult:
+        """Accuracy of the mean class scores; the loss is the members' mean loss (class scores
+        are probabilities for some methods and relation scores for others, so there is no common
+        likelihood)."""
+        scores = torch.stack([m.predictions for m in members]).mean(0)  # [n, ways]
+        accuracy = (scores.argmax(dim=1) == split.y).float().mean()
+        return TaskResult(torch.stack([m.loss for m in members]).mean(), accuracy, scores)
+
 
 class Regression(Objective):
     """Mean squared error against real targets ``y [n, outputs]``; no accuracy (Finn et al. 2017, §5.1).
@@ -93,6 +102,8 @@ class Regression(Objective):
     """
 
     loss_metric = "mse"
+    metric = "mse"
+    higher_is_better = False
 
     def __init__(self, dim: int = 1) -> None:
         self.dim = dim
@@ -104,4 +115,8 @@ class Regression(Objective):
         return nn.functional.mse_loss(predictions, split.y)
 
     def result(self, predictions: torch.Tensor, split: TaskSplit) -> TaskResult:
-        return TaskResult(loss=self.loss(predictions, split), accuracy=None)
+        return TaskResult(loss=self.loss(predictions, split), accuracy=None, predictions=predictions.detach())
+
+    def ensemble(self, members: list[TaskResult], split: TaskSplit) -> TaskResult:
+        """The MSE of the members' mean prediction."""
+        return self.result(torch.stack([m.predictions for m in members]).mean(0), split)

@@ -1,4 +1,4 @@
-"""Few-shot tasks: the Task/TaskSplit types, the TaskSource/Sampler interface that ``build_data``
+"""Few-shot tasks: the TaskSource/Sampler interface that ``build_data``
 uses (class splits and regression task distributions implement it), and a sampler over
 learn2learn's TaskDataset.
 
@@ -23,40 +23,17 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from metarun._learn2learn import l2l
-from metarun.data.base import DatasetError, ImageClasses
+from metarun.errors import DatasetError
 from metarun.objectives import Objective
+from metarun.task_types import Task, TaskSplit
 
-
-@dataclass
-class TaskSplit:
-    """One side of a task.
-
-    Attributes:
-        x: inputs ``[n, C, H, W]`` (float32 in [0, 1] for images); ``[n, 1]`` for sinusoids.
-        y: labels ``[n]`` int64 in ``[0, ways)``; real targets ``[n, 1]`` for regression.
-        ways: classes of the task. Carried with the data because training and evaluation tasks
-            may have different ways (``train_ways``), and a label tensor alone cannot tell a
-            class that is absent from one that does not exist. A regression task is one
-            function, and has ``ways = 1``.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    ways: int
-
-
-@dataclass
-class Task:
-    """An N-way few-shot task: ``support`` has ``ways * shots`` samples, ``query`` ``ways * query_shots``."""
-
-    support: TaskSplit
-    query: TaskSplit
+if TYPE_CHECKING:
+    from metarun.data.base import ImageClasses
 
 
 class Sampler(Protocol):

@@ -3,35 +3,113 @@
 An algorithm is an ``nn.Module`` whose parameters are the meta-parameters. For one task it
 
 1. adapts to the support set: :meth:`Algorithm.trajectory` yields a *learner* after 0, 1, ...,
-   ``steps`` adaptation steps (methods without an inner loop, such as metric-based ones, yield
-   exactly one learner), and
+   ``steps`` adaptation steps, exactly ``steps + 1`` learners (a method without an inner loop,
+   such as a metric-based one, yields the same learner every time), and
 2. is scored on the query set: :meth:`Algorithm.evaluate` returns a :class:`TaskResult` whose
    loss is differentiable with respect to the meta-parameters.
 
-So every family reports query metrics per adaptation step from the same two calls, and the
-loop never looks inside an algorithm. Conventions:
+and for a meta-batch of tasks it
 
-- ``trajectory`` never mutates the meta-parameters; the loop's optimizer does.
+3. updates its meta-parameters: :meth:`Algorithm.meta_step` (default: the mean over tasks of
+   :meth:`Algorithm.train_task`'s loss, one backward per task, then the loop's optimizer step).
+   An algorithm with another outer update overrides it in its own file (Reptile moves towards
+   the adapted weights; a vectorised meta-batch runs all tasks at once); one with another
+   per-task objective overrides :meth:`Algorithm.train_task` (MAML++'s multi-step loss).
+4. follows training progress: :meth:`Algorithm.on_iteration` is called before every meta-update
+   with the iteration and the total, so schedules (annealed weights, derivative order, Reptile's
+   outer step) are a function of the iteration alone and exact after a resume.
+
+So every family reports query metrics per adaptation step from the same calls, and the loop
+never looks inside an algorithm. Conventions:
+
+- Adapting never changes the meta-model: not its parameters (only the meta-update does), and
+  not its buffers. BatchNorm running statistics are learned state like the parameters:
+  :meth:`run_task` runs every forward pass on private copies of the buffers, which only
+  :meth:`train_task` folds back, task after task, in the order the meta-batch runs.
 - A yielded learner is valid until the next one is drawn from the same trajectory.
 - Under ``torch.no_grad()`` (evaluation) nothing is backpropagated into the meta-parameters,
   so an algorithm may adapt a detached copy with first-order steps; with gradients enabled
   (meta-training) the query loss must carry the meta-gradient.
-- :meth:`Algorithm.meta_loss` turns the per-step query results into the loss the loop
-  minimises; an algorithm with another outer objective (MAML++'s multi-step loss, Reptile's
-  parameter difference) overrides it in its own file.
+
+Constructor arguments: an algorithm's config in ``conf/algorithm/`` sets its hyperparameters,
+and the build adds ``ways``, ``train_ways``, ``objective`` and, when the run has a backbone
+(``backbone`` is not null), ``features``. See "Adding an algorithm" in the README.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from metarun.errors import ConfigError
-from metarun.objectives import TaskResult
-from metarun.tasks import Task, TaskSplit
+from metarun.errors import ConfigError, NonFiniteLossError
+from metarun.task_types import Task, TaskResult, TaskSplit
+
+
+@contextlib.contextmanager
+def private_buffers(module: nn.Module, keep: bool = False) -> Iterator[None]:
+    """Run ``module`` on copies of its buffers.
+
+    Forward passes inside (BatchNorm in training mode, also in any learn2learn clone made
+    inside, which shares the buffers it finds) update the copies; the original buffer tensors
+    are never written, unless ``keep``: then they receive the copies' final values on a normal
+    exit, which is what updating them in place would have left.
+    """
+    originals = []
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None:
+                originals.append((owner, name, buffer))
+                owner._buffers[name] = buffer.clone()
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        for owner, name, buffer in originals:
+            copy = owner._buffers[name]
+            owner._buffers[name] = buffer
+            if keep and completed:
+                with torch.no_grad():
+                    buffer.copy_(copy)
+
+
+class MetaUpdate:
+    """What the loop lends to :meth:`Algorithm.meta_step`: the optimizer, the non-finite check and
+    gradient clipping. The loop owns these mechanisms; an algorithm decides when to use them.
+
+    Args:
+        optimizer: the meta-optimizer (config group ``optimizer``).
+        grad_clip: clip the meta-gradient's global norm to this, or None.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def read(*values: torch.Tensor | None) -> list[float | None]:
+        """Scalars to floats in one host read (one GPU sync per meta-batch). The first value is
+        the loss being optimised; a non-finite one raises :class:`NonFiniteLossError`."""
+        present = [v.detach().float().reshape(()) for v in values if v is not None]
+        floats = iter(torch.stack(present).tolist())
+        out = [None if v is None else next(floats) for v in values]
+        if not math.isfinite(out[0]):
+            raise NonFiniteLossError(f"meta-training loss is {out[0]}")
+        return out
+
+    def step(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Clip (when configured) and apply the optimizer to the accumulated ``.grad``."""
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(list(parameters), self.grad_clip)
+        self.optimizer.step()
 
 
 class Algorithm(nn.Module, ABC):
@@ -42,7 +120,7 @@ class Algorithm(nn.Module, ABC):
         eval_inner_steps: adaptation steps at meta-validation and meta-test time.
     """
 
-    def __init__(self, inner_steps: int = 0, eval_inner_steps: int = 0) -> None:
+    def __init__(self, inner_steps: int, eval_inner_steps: int) -> None:
         super().__init__()
         if inner_steps < 0 or eval_inner_steps < 0:
             raise ConfigError(f"inner_steps and eval_inner_steps must be >= 0, got {inner_steps}/{eval_inner_steps}")
@@ -51,7 +129,7 @@ class Algorithm(nn.Module, ABC):
 
     @abstractmethod
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
-        """Yield the learner after 0, 1, ..., ``steps`` adaptation steps on ``support``.
+        """Yield the learner after 0, 1, ..., ``steps`` adaptation steps on ``support``: ``steps + 1`` learners.
 
         Args:
             support: ``x [ways * shots, ...]``, ``y [ways * shots]``.
@@ -63,31 +141,66 @@ class Algorithm(nn.Module, ABC):
         """Score ``learner`` on ``query`` (``x [ways * query_shots, ...]``, ``y [ways * query_shots]``)."""
 
     def adapt(self, support: TaskSplit, steps: int) -> nn.Module:
-        """The learner after ``steps`` adaptation steps."""
-        *_, learner = self.trajectory(support, steps)
+        """The learner after ``steps`` adaptation steps (the meta-model's buffers are left untouched)."""
+        with private_buffers(self):
+            *_, learner = self.trajectory(support, steps)
         return learner
 
-    def run_task(self, task: Task, steps: int, every_step: bool) -> list[TaskResult]:
+    def run_task(self, task: Task, steps: int, every_step: bool, update_statistics: bool = False) -> list[TaskResult]:
         """Adapt on the support set and score on the query set.
 
         Args:
             task: the task.
             steps: adaptation steps.
-            every_step: score the learner after every step (evaluation curves) or only the
-                final learner (meta-training).
+            every_step: score the learner after every step (evaluation curves, MAML++'s multi-step
+                loss) or only the final learner.
+            update_statistics: fold the buffers' final values (BatchNorm running statistics)
+                back into the meta-model; only meta-training does.
 
         Returns:
-            One TaskResult per scored learner; the last one is the fully adapted learner.
+            One TaskResult per scored learner (``steps + 1``, or 1); the last is the fully adapted learner.
         """
         results = []
-        learner = None
-        for learner in self.trajectory(task.support, steps):
-            if every_step:
-                results.append(self.evaluate(learner, task.query))
-        if not every_step:
-            results.append(self.evaluate(learner, task.query))
+        drawn = 0
+        with private_buffers(self, keep=update_statistics):
+            for drawn, learner in enumerate(self.trajectory(task.support, steps), start=1):
+                if every_step or drawn == steps + 1:
+                    results.append(self.evaluate(learner, task.query))
+        if drawn != steps + 1:
+            raise RuntimeError(f"{type(self).__name__}.trajectory yielded {drawn} learners for {steps} steps, "
+                               f"not {steps + 1}")
         return results
 
-    def meta_loss(self, results: list[TaskResult]) -> torch.Tensor:
-        """The loss the outer loop minimises for one task: the final learner's query loss."""
-        return results[-1].loss
+    def train_task(self, task: Task) -> tuple[torch.Tensor, TaskResult]:
+        """One training task: the loss to minimise (``train/loss``), and the fully adapted
+        learner's query result (``train/acc``). Default: the loss is the final query loss."""
+        results = self.run_task(task, self.inner_steps, every_step=False, update_statistics=True)
+        return results[-1].loss, results[-1]
+
+    def meta_step(self, tasks: Sequence[Task], update: MetaUpdate) -> dict[str, float]:
+        """One meta-update on a meta-batch; returns ``{"train/loss": ..., "train/acc": ...}`` (the
+        mean loss minimised, and the adapted learners' mean query accuracy when there is one).
+
+        Default: minimise the mean of :meth:`train_task`'s losses with the loop's optimizer. Each
+        task's loss is backpropagated as soon as it is computed, so only one task's graph is alive
+        at a time; ``.grad`` accumulates the mean over the meta-batch.
+        """
+        update.zero_grad()
+        losses, accuracies = [], []
+        for task in tasks:
+            loss, result = self.train_task(task)
+            (loss / len(tasks)).backward()
+            losses.append(loss.detach())
+            if result.accuracy is not None:
+                accuracies.append(result.accuracy.detach())
+        accuracy = torch.stack(accuracies).mean() if accuracies else None
+        loss_value, accuracy_value = update.read(torch.stack(losses).mean(), accuracy)
+        update.step(self.parameters())
+        metrics = {"train/loss": loss_value}
+        if accuracy_value is not None:
+            metrics["train/acc"] = accuracy_value
+        return metrics
+
+    def on_iteration(self, iteration: int, iterations: int) -> None:
+        """Called by the loop before meta-update ``iteration + 1`` of ``iterations`` (``iteration``
+        updates are done). Default: nothing; schedules derive their values from these two alone."""

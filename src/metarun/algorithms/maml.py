@@ -29,8 +29,8 @@ class MAML(GradientBasedAlgorithm):
         objective: the task's loss and metrics (default: classification).
     """
 
-    def __init__(self, features: nn.Module, ways: int, inner_lr: float = 0.4, first_order: bool = False,
-                 inner_steps: int = 1, eval_inner_steps: int = 3, train_ways: int | None = None,
+    def __init__(self, features: nn.Module, ways: int, inner_lr: float, first_order: bool,
+                 inner_steps: int, eval_inner_steps: int, train_ways: int | None = None,
                  objective: Objective | None = None) -> None:
         super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways, objective)
         self.learnable = l2l.algorithms.MAML(classifier(features, self.head_outputs), lr=inner_lr,

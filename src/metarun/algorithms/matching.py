@@ -113,8 +113,8 @@ class MatchingNet(MetricBasedAlgorithm):
         objective: must be classification.
     """
 
-    def __init__(self, features: nn.Module, ways: int, fce: bool = False, read_steps: int = 5,
-                 attention_scale: float = 1.0, train_ways: int | None = None,
+    def __init__(self, features: nn.Module, ways: int, fce: bool, read_steps: int,
+                 attention_scale: float, train_ways: int | None = None,
                  objective: Objective | None = None) -> None:
         super().__init__(objective, "matching")
         self.features = features

@@ -1,9 +1,10 @@
 """Shared machinery of the metric-based family (Prototypical, Matching, Relation, Siamese networks).
 
 These methods have no inner loop: "adapting" to a task is embedding its support set once, and a
-query is classified by comparing its embedding with the support embeddings. So the trajectory
-yields exactly one learner (the query metrics are those of adaptation step 0), and meta-training
-minimises the query loss of that learner, differentiated through the embeddings.
+query is classified by comparing its embedding with the support embeddings. So the learner after
+any number of steps is that one learner (their configs use 0 steps: the query metrics are those
+of adaptation step 0), and meta-training minimises the query loss of that learner,
+differentiated through the embeddings.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ class MetricBasedAlgorithm(Algorithm):
         """The task's classifier, built from the support set ``x [ways * shots, ...]``."""
 
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
-        # No inner loop: the same learner whatever ``steps`` is.
-        yield self.learner(support)
+        # No inner loop: the same learner after every step.
+        learner = self.learner(support)
+        for _ in range(steps + 1):
+            yield learner
 
     def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return classification_result(learner(query.x), query.y)

@@ -32,8 +32,8 @@ class Pretrained(GradientBasedAlgorithm):
         objective: the task's loss and metrics (default: classification).
     """
 
-    def __init__(self, features: nn.Module, ways: int, inner_lr: float = 0.01, inner_steps: int = 0,
-                 eval_inner_steps: int = 10, train_ways: int | None = None,
+    def __init__(self, features: nn.Module, ways: int, inner_lr: float, inner_steps: int,
+                 eval_inner_steps: int, train_ways: int | None = None,
                  objective: Objective | None = None) -> None:
         if inner_steps != 0:
             raise ConfigError(f"pretrained trains without an inner loop: algorithm.inner_steps must be 0, "

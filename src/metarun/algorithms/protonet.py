@@ -57,7 +57,7 @@ class ProtoNet(MetricBasedAlgorithm):
         objective: must be classification.
     """
 
-    def __init__(self, features: nn.Module, ways: int, distance: str = "euclidean", cosine_scale: float = 10.0,
+    def __init__(self, features: nn.Module, ways: int, distance: str, cosine_scale: float,
                  train_ways: int | None = None, objective: Objective | None = None) -> None:
         super().__init__(objective, "protonet")
         if distance not in DISTANCES:

@@ -27,7 +27,7 @@ class RelationModule(nn.Module):
     Shapes: ``[P, 2C, h, w] -> [P]`` relation scores.
     """
 
-    def __init__(self, map_shape: tuple[int, int, int], filters: int = 64, hidden: int = 8, padding: int = 1) -> None:
+    def __init__(self, map_shape: tuple[int, int, int], filters: int, hidden: int, padding: int) -> None:
         super().__init__()
         channels, side, _ = map_shape
         layers: list[nn.Module] = []
@@ -87,7 +87,7 @@ class RelationNet(MetricBasedAlgorithm):
         objective: must be classification.
     """
 
-    def __init__(self, features: nn.Module, ways: int, filters: int = 64, hidden: int = 8, padding: int = 1,
+    def __init__(self, features: nn.Module, ways: int, filters: int, hidden: int, padding: int,
                  train_ways: int | None = None, objective: Objective | None = None) -> None:
         super().__init__(objective, "relation")
         self.features = features
@@ -104,4 +104,4 @@ class RelationNet(MetricBasedAlgorithm):
         targets = nn.functional.one_hot(query.y, scores.shape[1]).to(scores.dtype)
         loss = nn.functional.mse_loss(scores, targets)
         accuracy = (scores.argmax(dim=1) == query.y).float().mean()
-        return TaskResult(loss=loss, accuracy=accuracy)
+        return TaskResult(loss=loss, accuracy=accuracy, predictions=scores.detach())

@@ -74,7 +74,7 @@ class SiameseNet(MetricBasedAlgorithm):
         objective: must be classification.
     """
 
-    def __init__(self, features: nn.Module, ways: int, embedding_dim: int | None = 4096,
+    def __init__(self, features: nn.Module, ways: int, embedding_dim: int | None,
                  train_ways: int | None = None, objective: Objective | None = None) -> None:
         super().__init__(objective, "siamese")
         if min(ways, train_ways or ways) < 2:
@@ -104,4 +104,7 @@ class SiameseNet(MetricBasedAlgorithm):
         pair_logits = logits[query_index, support_index]
         loss = nn.functional.binary_cross_entropy_with_logits(pair_logits, same.to(pair_logits.dtype))
         predicted = learner.support_y[logits.argmax(dim=1)]  # the most similar support image's label
-        return TaskResult(loss=loss, accuracy=(predicted == query.y).float().mean())
+        # Class scores: the similarity of the most similar support image of each class [q, ways].
+        same_class = nn.functional.one_hot(learner.support_y, learner.ways).T.bool()  # [ways, s]
+        scores = logits.detach().sigmoid()[:, None, :].masked_fill(~same_class, -1.0).amax(dim=2)
+        return TaskResult(loss=loss, accuracy=(predicted == query.y).float().mean(), predictions=scores)

@@ -14,25 +14,18 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from metarun.checkpoint import atomic_save
-from metarun.errors import one_line
+from metarun.errors import DatasetError, one_line
 from metarun.objectives import Classification, Objective
-
-if TYPE_CHECKING:
-    from metarun.tasks import TaskSampler
+from metarun.tasks import TaskSampler
 
 log = logging.getLogger(__name__)
 
 # Bump when the layout of cached ImageClasses files changes.
 CACHE_FORMAT = 1
-
-
-class DatasetError(RuntimeError):
-    """Data is missing, corrupt or does not fit the request. The message is one line for the user."""
 
 
 @dataclass
@@ -107,8 +100,6 @@ class ClassSplits:
                 augment: Callable[[torch.Tensor], torch.Tensor] | None) -> TaskSampler:
         """N-way K-shot tasks from the classes of ``split_name`` (the ``TaskSource`` interface of
         ``metarun.tasks``); ``augment`` transforms their images ``[n, C, H, W]``."""
-        from metarun.tasks import TaskSampler  # tasks imports this module for ImageClasses
-
         classes = dict(self.items())[split_name]
         return TaskSampler(classes, ways, shots, query_shots, device, split_name, self.within_group, augment)
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from metarun.data import decode
-from metarun.data.base import ClassSplits, DatasetError, ImageClasses, split_by_names
+from metarun.data.base import ClassSplits, ImageClasses, split_by_names
 from metarun.data.files import KnownFile, fetch_missing, read_checksums, verify, with_checksums
+from metarun.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from metarun.data import decode
-from metarun.data.base import ClassSplits, DatasetError, ImageClasses, split_by_names
+from metarun.data.base import ClassSplits, ImageClasses, split_by_names
 from metarun.data.files import KnownFile, verify
 from metarun.data.files import download as download_file
+from metarun.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

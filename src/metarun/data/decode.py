@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metarun.data.base import ClassSplits, DatasetError, ImageClasses, cached_classes
+from metarun.data.base import ClassSplits, ImageClasses, cached_classes
 from metarun.data.base import cache_dir as cache_dir_of
 from metarun.data.files import KnownFile, verify
-from metarun.errors import one_line
+from metarun.errors import DatasetError, one_line
 
 logger = logging.getLogger(__name__)
 

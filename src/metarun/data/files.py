@@ -28,8 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from metarun.data.base import DatasetError
-from metarun.errors import one_line
+from metarun.errors import DatasetError, one_line
 
 logger = logging.getLogger(__name__)
 

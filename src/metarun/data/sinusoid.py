@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from metarun.data.base import DatasetError
+from metarun.errors import DatasetError
 from metarun.objectives import Regression
 from metarun.tasks import FixedTasks, Task, TaskSplit, draw_fixed_tasks
 

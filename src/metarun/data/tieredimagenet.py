@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from metarun.data import decode
-from metarun.data.base import ClassSplits, DatasetError, ImageClasses
+from metarun.data.base import ClassSplits, ImageClasses
 from metarun.data.files import KnownFile, fetch_missing, read_checksums, with_checksums
+from metarun.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
