@@ -5,6 +5,7 @@ Everything that can fail on a bad config or missing data fails here, before trai
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun import config
@@ -83,8 +84,18 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTas
 
 
 # What the build passes to every algorithm's constructor, besides the options of its config;
-# ``features`` only when the run has a backbone. The README's "Adding an algorithm" lists them.
+# ``features`` (the backbone) only to an algorithm whose constructor takes it: one that builds its
+# own network (the synaptic rule's) does not. The README's "Adding an algorithm" lists them.
 BUILD_ARGUMENTS = ("features", "ways", "train_ways", "objective")
+
+
+def takes_features(target: str) -> bool:
+    """Whether the algorithm ``target``'s constructor has a ``features`` parameter (True when the
+    target cannot be imported: instantiating it then reports that)."""
+    try:
+        return "features" in inspect.signature(get_class(target).__init__).parameters
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def constructor_error(error: BaseException, target: str) -> ConfigError | None:
@@ -94,9 +105,8 @@ def constructor_error(error: BaseException, target: str) -> ConfigError | None:
         if isinstance(error, TypeError) and "argument" in str(error):
             message = one_line(error).split("__init__() ")[-1]
             return ConfigError(
-                f"{target}: {message}; the build passes {', '.join(BUILD_ARGUMENTS)} (features only with a "
-                f"backbone: choose one, or backbone=null for an algorithm with its own network) and the options of "
-                f"its conf/algorithm/ file (README: Adding an algorithm)"
+                f"{target}: {message}; the build passes {', '.join(BUILD_ARGUMENTS)} (features only to a "
+                f"constructor that has it) and the options of its conf/algorithm/ file (README: Adding an algorithm)"
             )
         error = error.__cause__ or error.__context__
     return None
@@ -107,12 +117,19 @@ def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective 
     """The algorithm (on ``device``), its meta-optimizer and the optimizer's schedule (None
     without one); ``objective`` comes from the dataset."""
     passed: dict[str, Any] = {"ways": cfg.ways, "train_ways": cfg.train_ways, "objective": objective or Classification()}
-    if cfg.backbone is not None:
+    target = cfg.algorithm.get("_target_", "algorithm")
+    if not takes_features(target):
+        log.info("%s builds its own network: backbone=%s is not used", target,
+                 None if cfg.backbone is None else cfg.backbone.get("_target_"))
+    elif cfg.backbone is None:
+        raise ConfigError(f"{target} needs a backbone (its features), and the config has none (~backbone); "
+                          f"choose one, e.g. backbone=conv4")
+    else:
         passed["features"] = instantiate(cfg.backbone)
     try:
         algorithm = instantiate(cfg.algorithm, **passed)
     except Exception as error:
-        cause = constructor_error(error, cfg.algorithm.get("_target_", "algorithm"))
+        cause = constructor_error(error, target)
         if cause is None:
             raise
         raise cause from None

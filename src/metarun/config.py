@@ -35,7 +35,7 @@ class RunConfig:
     dataset: Any = MISSING
     algorithm: Any = MISSING
     # Optional groups: None is what "no option chosen" (``backbone=null``) leaves, not a default value.
-    backbone: Any = None  # null for algorithms that bring their own network
+    backbone: Any = None  # unused by algorithms that build their own network; ~backbone removes it
     optimizer: Any = MISSING
     scheduler: Any = None  # meta learning-rate schedule (conf/scheduler/), null: constant
     wandb: Any = MISSING
