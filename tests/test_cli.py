@@ -161,3 +161,21 @@ def test_console_script_completes_config_groups_like_hydra(tmp_path):
     assert proc.returncode == 0, proc.stderr
     expected = {f"algorithm={p.stem}" for p in (CONF / "algorithm").glob("*.yaml")}
     assert len(expected) >= 4 and set(proc.stdout.split()) == expected
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["+algorithm.bogus=1"], "metarun.algorithms.maml.MAML: got an unexpected keyword argument 'bogus'; the build passes"),
+    (["~algorithm.inner_lr"], "metarun.algorithms.maml.MAML: missing 1 required positional argument: 'inner_lr'"),
+    (["~backbone"], "metarun.algorithms.maml.MAML needs a backbone"),
+    (["seed=-1"], "seed must be >= 0"),
+    (["eval.ci_z=0"], "eval.ci_z must be > 0"),
+])
+def test_an_algorithm_built_with_wrong_arguments_is_one_line_naming_the_argument(tmp_path, overrides, expected):
+    """Written from base.py alone, a constructor that misses or refuses an argument the build passes
+    reads as one line, not Hydra's multi-line TypeError; nothing is written."""
+    out = tmp_path / "run"
+    proc = run_cli(*tiny(*overrides, f"hydra.run.dir={out}"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metarun: error: ") and expected in lines[0], proc.stderr
+    assert not (out / "results.json").exists()

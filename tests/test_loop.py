@@ -86,8 +86,8 @@ def test_resume_continues_at_the_same_iteration_with_the_same_rng(compose_cfg, t
     run(compose_cfg("iterations=4"), straight)
     run(compose_cfg("iterations=2"), first_half)
     run(compose_cfg("iterations=4", f"resume={first_half}"), second_half)
-    expected = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
-    resumed = torch.load(second_half / "checkpoints" / "last.pt", weights_only=False)
+    expected = torch.load(straight / "checkpoints" / "last.pt")
+    resumed = torch.load(second_half / "checkpoints" / "last.pt")
     assert resumed["state"]["iteration"] == 4
     for key, value in expected["algorithm"].items():
         assert torch.equal(value, resumed["algorithm"][key]), key
@@ -151,3 +151,84 @@ def test_run_passes_the_batchnorm_option_to_evaluation(compose_cfg, tmp_path):
     batch, running = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("batch", "running"))
     assert running["config"]["eval"]["bn_batch_stats"] is False
     assert batch["curves"]["test"]["loss_mean"] != running["curves"]["test"]["loss_mean"]
+
+
+def test_a_scheduler_resumed_mid_run_continues_bit_exactly(compose_cfg, tmp_path):
+    straight, first_half, second_half = tmp_path / "straight", tmp_path / "a", tmp_path / "b"
+    run(compose_cfg("scheduler=cosine", "iterations=4"), straight)
+    # The first half is its own run of 2 iterations; the schedule must still be the 4-iteration one.
+    run(compose_cfg("scheduler=cosine", "scheduler.T_max=4", "iterations=2"), first_half)
+    run(compose_cfg("scheduler=cosine", "scheduler.T_max=4", "iterations=4", f"resume={first_half}"), second_half)
+    expected = torch.load(straight / "checkpoints" / "last.pt")
+    resumed = torch.load(second_half / "checkpoints" / "last.pt")
+    assert resumed["scheduler"] == expected["scheduler"] and resumed["scheduler"]["last_epoch"] == 4
+    for key, value in expected["algorithm"].items():
+        assert torch.equal(value, resumed["algorithm"][key]), key
+    rates = [r["train/lr"] for r in read_jsonl(straight / "metrics.jsonl") if "train/lr" in r]
+    resumed_rates = [r["train/lr"] for r in read_jsonl(second_half / "metrics.jsonl") if "train/lr" in r]
+    assert rates[0] == 1e-3 and rates[2:] == resumed_rates and rates[3] < rates[2] < rates[1] < rates[0]
+
+
+def test_the_loop_tells_the_algorithm_its_iteration_also_after_a_resume(compose_cfg, tmp_path, monkeypatch):
+    from metarun.algorithms.maml import MAML
+
+    seen = []
+    monkeypatch.setattr(MAML, "on_iteration", lambda self, i, n: seen.append((i, n)), raising=False)
+    run(compose_cfg("iterations=2"), tmp_path / "a")
+    run(compose_cfg("iterations=4", f"resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert seen == [(0, 2), (1, 2), (2, 4), (3, 4)]
+
+
+def test_checkpoints_written_before_best_val_had_a_direction_still_resume(compose_cfg, tmp_path):
+    """Old last.pt files: best_val_acc (minus the MSE for regression), NumPy's RNG state as an array, no scheduler."""
+    import random
+
+    from metarun.loop import RunState
+    from metarun.objectives import Classification, Regression
+
+    run(compose_cfg("iterations=2"), tmp_path / "a")
+    path = tmp_path / "a" / "checkpoints" / "last.pt"
+    saved = torch.load(path)
+    saved["state"] = {"iteration": 2, "best_val_acc": 0.25, "best_iteration": 1}
+    saved["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    del saved["scheduler"]
+    torch.save(saved, path)
+    assert RunState.from_saved({"iteration": 2, "best_val_acc": -0.5, "best_iteration": 1}, Regression()).best_val == 0.5
+    assert RunState.from_saved({"iteration": 2, "best_val_acc": -math.inf, "best_iteration": -1},
+                               Classification()).best_val is None
+    run(compose_cfg("iterations=3", f"resume={tmp_path / 'a'}"), tmp_path / "b")
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert resumed["state"]["iteration"] == 3 and "best_val_acc" not in resumed["state"]
+
+
+def test_ensemble_of_the_top_k_checkpoints_averages_their_predictions(compose_cfg, tmp_path):
+    """eval.top_k keeps the k best validation checkpoints and tests their ensemble; with one member
+    the ensemble is that model itself."""
+    from metarun.build import build
+    from metarun.loop import evaluate_ensemble, top_checkpoint
+
+    run(compose_cfg("iterations=4", "eval.top_k=3"), tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "top").iterdir())
+    assert len(kept) == 3 and len(results["tested_iterations"]) == 3
+    assert kept == sorted(top_checkpoint(tmp_path, i).name for i in results["tested_iterations"])
+    assert results["tested_iterations"][0] == results["best_iteration"]
+    parts = build(compose_cfg(), tmp_path / "parts")
+    ckpt = tmp_path / "run" / "checkpoints"
+    single = evaluate_ensemble(parts.algorithm, [ckpt / "best.pt"], parts.test_tasks, parts.objective, True, 1.96)
+    plain = evaluate(parts.algorithm, parts.test_tasks, True, 1.96)
+    assert torch.equal(single.accuracy, plain.accuracy)
+    members = [top_checkpoint(ckpt, i) for i in results["tested_iterations"]]
+    ensemble = evaluate_ensemble(parts.algorithm, members, parts.test_tasks, parts.objective, True, 1.96)
+    assert ensemble.summary()["acc_mean"] == pytest.approx(results["curves"]["test"]["acc_mean"])
+    # By hand: the mean of the members' class probabilities decides each query.
+    from metarun.checkpoint import load_model
+    from metarun.loop import task_results
+
+    probabilities = []
+    for path in members:
+        load_model(path, parts.algorithm)
+        probabilities.append([r[-1].predictions for r in task_results(parts.algorithm, parts.test_tasks, True)])
+    for t, task in enumerate(parts.test_tasks):
+        mean = torch.stack([p[t] for p in probabilities]).mean(0)
+        assert float(ensemble.accuracy[t, -1]) == pytest.approx(float((mean.argmax(1) == task.query.y).float().mean()))

@@ -71,6 +71,11 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTas
     tasks' images only.
     """
     source: TaskSource = instantiate(cfg.dataset, _convert_="all")
+    fewest = source.objective.min_ways
+    for key in ("ways", "train_ways"):
+        if cfg[key] < fewest:
+            raise ConfigError(f"{key}={cfg[key]}: a {type(source.objective).__name__.lower()} task needs >= {fewest} "
+                              f"classes (with one class every answer is right, so its accuracy says nothing)")
     augment = instantiate(cfg.augment) if cfg.augment is not None else None
     train = source.sampler("train", cfg.train_ways, cfg.train_shots, cfg.train_query_shots, device, augment)
     val = source.sampler("val", cfg.ways, cfg.shots, cfg.query_shots, device, None)

@@ -78,36 +78,65 @@ def safe_load(path: Path) -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only, so a file named
     as a checkpoint can never run code. Checkpoints written before the RNG states were tensors
     hold NumPy's state as an array; reconstructing a NumPy array runs no code, so exactly those
-    NumPy types are allowed too."""
+    NumPy types are allowed too.
+
+    Raises:
+        CheckpointError: the file is unreadable, truncated, refused (it asks to run code) or not a
+            metarun checkpoint; one line.
+    """
     numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
     numpy_array = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(numpy_array):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(numpy_array):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one line for the user
+        reason = one_line(error)
+        if "Weights only load failed" in reason or "Unsupported global" in str(error):
+            reason = "it is not plain tensors and containers: it would run code when unpickled, refused"
+        raise CheckpointError(f"{path} is not a readable metarun checkpoint: {reason}") from None
     if not isinstance(saved, dict) or "algorithm" not in saved:
         raise CheckpointError(f"{path} is not a metarun checkpoint (no model weights in it)")
     return saved
 
 
+def write(obj: Any, path: Path) -> None:
+    """:func:`atomic_save`, with a failed write (a full disk, a read-only folder) as one line: the
+    previous file at ``path`` is left as it was."""
+    try:
+        atomic_save(obj, path)
+    except OSError as error:
+        raise CheckpointError(f"cannot write {path}: {error.strerror or one_line(error)}; the previous {path.name}, "
+                              f"if any, is intact") from None
+
+
 def save_model(path: Path, algorithm: nn.Module, iteration: int) -> None:
-    atomic_save({"algorithm": algorithm.state_dict(), "iteration": iteration}, path)
+    write({"algorithm": algorithm.state_dict(), "iteration": iteration}, path)
 
 
 def load_model(path: Path, algorithm: nn.Module) -> int:
     """Load the meta-parameters saved by :func:`save_model`; returns the iteration they are from."""
     saved = safe_load(path)
-    algorithm.load_state_dict(saved["algorithm"])
+    try:
+        algorithm.load_state_dict(saved["algorithm"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} holds another architecture: {one_line(error)}") from None
     return saved["iteration"]
 
 
 def save_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler | None, state: Any) -> None:
-    atomic_save(
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None, state: Any, config: dict[str, Any],
+             tracker_id: str | None) -> None:
+    """Everything a resume needs: weights, optimizer and schedule states, the run state, every RNG,
+    the run's config (unresolved, to compare with the resuming one) and the W&B run id."""
+    write(
         {
             "algorithm": algorithm.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "state": dataclasses.asdict(state),
             "rng": rng_state(),
+            "config": config,
+            "wandb_id": tracker_id,
         },
         path,
     )
@@ -123,25 +152,66 @@ def resolve(resume: str | Path) -> Path:
     return path
 
 
-def load_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> dict[str, Any]:
-    """Restore model, optimizer, schedule and RNG states saved by :func:`save_run`; returns the
-    saved run state (a dict)."""
+# Settings a resumed run may change: how long it runs and how often it reports, how it is evaluated,
+# where things are and how the job runs. Everything else must match the checkpoint's run.
+RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval.", "resume", "output_dir", "device",
+                     "threads", "console", "wandb.", "dataset.root", "dataset.download", "dataset.cache_dir")
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two unresolved run configs, other than :data:`RESUMABLE_CHANGES`."""
+    old, new = flatten(saved), flatten(current)
+    return [f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
+            for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+            and not any(key == k.rstrip(".") for k in RESUMABLE_CHANGES)]
+
+
+def read_run(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked to be a run checkpoint of the same run as ``config``.
+
+    Raises:
+        CheckpointError: unreadable, not a run checkpoint (``best.pt`` holds weights only), or
+            saved by a run whose settings differ in keys a resume may not change (named).
+    """
+    saved = safe_load(path)
+    missing = [key for key in ("optimizer", "state", "rng") if key not in saved]
+    if missing:
+        raise CheckpointError(f"{path} holds model weights only (no {', '.join(missing)}), not a run to resume; "
+                              f"pass the run directory or its checkpoints/last.pt")
+    if saved.get("config") is not None:
+        differences = config_differences(saved["config"], config)
+        if differences:
+            raise CheckpointError(f"cannot resume from {path}: the run differs in {'; '.join(differences)}; "
+                                  f"resume with the same settings or start a new run")
+    return saved
+
+
+def restore_run(saved: dict[str, Any], path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> dict[str, Any]:
+    """Restore model, optimizer, schedule and RNG states from :func:`read_run`'s checkpoint;
+    returns the saved run state (a dict)."""
+    if (scheduler is None) != (saved.get("scheduler") is None):
+        raise CheckpointError(f"cannot resume from {path}: it was saved {'without' if scheduler is not None else 'with'}"
+                              f" a scheduler; resume with the same scheduler option")
     try:
-        saved = safe_load(path)
         algorithm.load_state_dict(saved["algorithm"])
         optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None and saved.get("scheduler") is not None:
+        if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        elif (scheduler is None) != (saved.get("scheduler") is None):
-            raise CheckpointError(f"cannot resume from {path}: it was saved "
-                                  f"{'without' if scheduler is not None else 'with'} a scheduler; "
-                                  f"resume with the same scheduler option")
-    except CheckpointError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any unreadable file is one line for the user
+        set_rng_state(saved["rng"])
+    except Exception as error:  # noqa: BLE001 - a mismatch is one line for the user
         raise CheckpointError(f"cannot resume from {path}: {one_line(error)}") from None
-    set_rng_state(saved["rng"])
     return saved["state"]
 
 

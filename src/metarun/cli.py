@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,32 +36,101 @@ def user_error(error: BaseException) -> BaseException | None:
     return None
 
 
-def wandb_defaults() -> dict[str, str | None]:
-    """W&B group/job_type/name derived from the Hydra job: one group per sweep, one name per job."""
+def wandb_defaults(cfg: DictConfig) -> dict[str, Any]:
+    """W&B group/job_type/name/tags derived from the Hydra job: one group per sweep, one name per
+    job, and the chosen groups and task shape as tags."""
     hydra_cfg = HydraConfig.get()
     choices = hydra_cfg.runtime.choices
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep = Path(hydra_cfg.sweep.dir)
+    groups = [f"{group}={choices.get(group)}" for group in ("algorithm", "dataset", "backbone")
+              if choices.get(group) is not None]
     return {
         "group": f"sweep-{sweep.parent.name}-{sweep.name}" if multirun else None,
         "job_type": f"{choices.get('algorithm')}-{choices.get('dataset')}",
         "name": hydra_cfg.job.override_dirname or None,
+        "tags": [*groups, f"{cfg.ways}w{cfg.shots}s"],
     }
 
 
+def fail(message: str) -> None:
+    print(f"metarun: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def run_job(cfg: DictConfig) -> float:
+    output_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
     try:
         config.check_references(cfg)  # before printing the resolved config
         if cfg.console:
             print(OmegaConf.to_yaml(cfg, resolve=True))
-        return run(cfg, Path(cfg.output_dir or HydraConfig.get().runtime.output_dir), wandb_defaults())
+        return run(cfg, output_dir, wandb_defaults(cfg))
+    except KeyboardInterrupt:
+        print(f"metarun: interrupted; checkpoints so far are in {output_dir / 'checkpoints'}: continue with "
+              f"resume={output_dir}", file=sys.stderr)
+        sys.exit(130)
     except Exception as error:
         cause = user_error(error)
         if cause is None:
             raise
-        print(f"metarun: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(cause))
+
+
+GROUPS = ("dataset", "algorithm", "backbone", "optimizer", "scheduler", "augment")
+
+
+def check_arguments(args: list[str]) -> None:
+    """What Hydra would report as a stack-trace-like message, as one line instead: an option the
+    chosen group does not have (``algorithm=protonet algorithm.inner_lr=0.1``: the line lists the
+    options protonet takes), and a run directory that is an existing file. Hydra's own messages
+    for unknown groups, keys and types are left as Hydra prints them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return
+    for override in parsed:
+        if override.key_or_group in ("hydra.run.dir", "output_dir") and not override.is_sweep_override():
+            path = Path(str(override.value())).expanduser()
+            if path.exists() and not path.is_dir():
+                fail(f"{override.key_or_group}={path} is an existing file, not a directory; choose another")
+    options = [o for o in parsed if "." in o.key_or_group and o.key_or_group.split(".")[0] in GROUPS
+               and not o.is_add() and not o.is_delete() and not o.is_force_add()]
+    if not options:
+        return
+    # Sweeps are checked with their first value: options do not depend on the value.
+    plain = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+             for o in parsed if not o.key_or_group.startswith("hydra")]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        try:
+            compose(config_name="config", overrides=plain)
+            return
+        except ConfigCompositionException:
+            pass
+        for option in options:
+            rest = [line for line in plain if line.split("=")[0] != option.get_key_element()]
+            try:
+                cfg = compose(config_name="config", overrides=rest, return_hydra_config=True)
+            except ConfigCompositionException:
+                continue
+            group, key = option.key_or_group.split(".", 1)
+            node = cfg.get(group)
+            if node is not None and key.split(".")[0] not in node:
+                choice = cfg.hydra.runtime.choices.get(group)
+                known = ", ".join(k for k in node if not str(k).startswith("_"))
+                fail(f"{group}{'=' + choice if choice else ''} has no option {key}; its options: {known} "
+                     f"(add a new key with +{option.key_or_group}=...)")
+
+
+def main() -> None:
+    """The ``metarun`` command: one-line checks of the arguments, then the Hydra job."""
+    check_arguments(sys.argv[1:])
+    run_job()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch import nn
 from metarun import checkpoint
 from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.build import build
-from metarun.errors import NonFiniteLossError
+from metarun.errors import ConfigError, NonFiniteLossError
 from metarun.objectives import Objective
 from metarun.task_types import TaskResult
 from metarun.tasks import FixedTasks, Sampler
@@ -200,19 +201,23 @@ def meta_train(
     bn_batch_stats: bool,
     ci_z: float,
     top_k: int = 1,
-    resume_from: Path | None = None,
+    run_config: dict[str, Any] | None = None,
+    resume: tuple[Path, dict[str, Any]] | None = None,
 ) -> RunState:
     """Meta-train, validating every ``eval_every`` iterations and keeping the best checkpoint.
 
     Writes ``checkpoints/best.pt`` (best validation metric after the last adaptation step:
     highest accuracy, lowest MSE for regression), ``checkpoints/last.pt`` (everything needed to
-    resume) and, with ``top_k > 1``, the ``top_k`` best in ``checkpoints/top/``. Returns the final state.
+    resume) and, with ``top_k > 1``, the ``top_k`` best in ``checkpoints/top/``. ``run_config`` (the
+    unresolved config) goes into ``last.pt``; ``resume`` is a checkpoint's path and its contents
+    (:func:`checkpoint.read_run`). Returns the final state.
     """
     state = RunState()
     ckpt_dir = output_dir / "checkpoints"
-    if resume_from is not None:
-        saved_state = checkpoint.load_run(resume_from, algorithm, optimizer, scheduler)
-        state = RunState.from_saved(saved_state, objective)
+    if resume is not None:
+        resume_from, saved = resume
+        state = RunState.from_saved(checkpoint.restore_run(saved, resume_from, algorithm, optimizer, scheduler),
+                                    objective)
         # The best models so far belong to the resumed run; carry them over so they can still win.
         checkpoint.carry_over(resume_from.parent, ckpt_dir, ["best.pt", *(str(top_checkpoint(Path(), i))
                                                                           for _, i in state.top)])
@@ -246,7 +251,8 @@ def meta_train(
                     keep_top(state, score, algorithm, ckpt_dir, top_k, objective)
                 tracker.log(val.final_metrics("val"), state.iteration)
             if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
-                checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, scheduler, state)
+                checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, scheduler, state, run_config or {},
+                                    tracker.run_id)
     finally:
         tracker.end_training()
     return state
@@ -254,6 +260,19 @@ def meta_train(
 
 class OutputExistsError(FileExistsError):
     """The output directory already holds a finished run."""
+
+
+def check_writable(output_dir: Path) -> None:
+    """Raise ConfigError (one line) when the run's directory cannot take its files."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"the run directory {output_dir} is an existing file; choose another hydra.run.dir or output_dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write into the run directory {output_dir}: {error.strerror or error}; choose a "
+                          f"writable hydra.run.dir or output_dir") from None
 
 
 def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None) -> float:
@@ -266,9 +285,16 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         Hydra's sweepers maximise or minimise.
     """
     output_dir = Path(output_dir)
+    check_writable(output_dir)
     if (output_dir / "results.json").exists():
         raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")
-    resume_from = checkpoint.resolve(cfg.resume) if cfg.resume else None
+    run_config = OmegaConf.to_container(cfg, resolve=False)
+    resume = None
+    if cfg.resume:
+        resume_from = checkpoint.resolve(cfg.resume)
+        resume = (resume_from, checkpoint.read_run(resume_from, run_config))
+        # The resumed run continues its W&B run rather than starting another.
+        wandb_defaults = {**(wandb_defaults or {}), "id": resume[1].get("wandb_id")}
     parts = build(cfg, output_dir, wandb_defaults)
     objective = parts.objective
     started = time.perf_counter()
@@ -277,7 +303,8 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         parts.algorithm, parts.optimizer, parts.scheduler, parts.train_sampler, parts.val_tasks, parts.tracker,
         output_dir, objective, iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, grad_clip=cfg.grad_clip,
-        bn_batch_stats=cfg.eval.bn_batch_stats, ci_z=cfg.eval.ci_z, top_k=cfg.eval.top_k, resume_from=resume_from,
+        bn_batch_stats=cfg.eval.bn_batch_stats, ci_z=cfg.eval.ci_z, top_k=cfg.eval.top_k, run_config=run_config,
+        resume=resume,
     )
     train_seconds = time.perf_counter() - started
 

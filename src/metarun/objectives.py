@@ -41,6 +41,7 @@ class Objective(ABC):
     loss_metric: str | None = None
     metric: str = "acc"
     higher_is_better: bool = True
+    min_ways: int = 1
 
     def better(self, value: float, than: float | None) -> bool:
         """True when ``value`` of :attr:`metric` beats ``than`` (None: nothing to beat yet)."""
@@ -75,6 +76,9 @@ class Classification(Objective):
     re-drawn for every task, so every output is trained on every class and the first N are as
     good as any N.
     """
+
+    # A 1-way task is answered correctly whatever the model does: its 100% would mean nothing.
+    min_ways = 2
 
     def outputs(self, ways: int) -> int:
         return ways

@@ -24,7 +24,14 @@ log = logging.getLogger(__name__)
 
 
 class Tracker:
-    """Receives a run's metrics. Every method is optional; the base class ignores everything."""
+    """Receives a run's metrics. Every method is optional; the base class ignores everything.
+
+    Attributes:
+        run_id: the id of the tracker's remote run, stored in ``last.pt`` so that a resumed job
+            continues that run; None when there is none.
+    """
+
+    run_id: str | None = None
 
     def start_training(self, iterations: int, start_iteration: int) -> None: ...
 
@@ -45,6 +52,10 @@ class Trackers(Tracker):
 
     def __init__(self, trackers: list[Tracker]) -> None:
         self.trackers = trackers
+
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        return next((t.run_id for t in self.trackers if t.run_id is not None), None)
 
     def start_training(self, iterations: int, start_iteration: int) -> None:
         for t in self.trackers:
@@ -169,23 +180,28 @@ class WandbTracker(Tracker):
     Args:
         mode: ``auto`` (online with an API key, offline without), ``online``, ``offline`` or ``disabled``.
         project, entity, group, job_type, name, tags: as in ``wandb.init``; unset group/job_type/name
-            take the defaults the CLI derives from the sweep.
+            take the defaults the CLI derives from the sweep, and the CLI's tags (the chosen groups and
+            the task shape) are added to ``tags``.
+        log_model: log ``checkpoints/best.pt`` as a W&B model artifact at the end, with the test mean,
+            CI, iteration and a hash of the config as metadata.
         run_config: the resolved run config.
         dir: where W&B writes its files (the run's output directory).
-        defaults: ``{"group": ..., "job_type": ..., "name": ...}`` used where the options are unset.
+        defaults: ``{"group", "job_type", "name", "tags", "id"}`` from the CLI and the run; ``id``
+            (from a resumed checkpoint) continues that W&B run instead of starting another.
     """
 
     MODES = ("auto", "online", "offline", "disabled")
 
-    def __init__(self, mode: str = "auto", project: str = "metarun", entity: str | None = None,
-                 group: str | None = None, job_type: str | None = None, name: str | None = None,
-                 tags: list[str] | None = None, run_config: dict[str, Any] | None = None,
-                 dir: str | None = None, defaults: dict[str, str | None] | None = None) -> None:
+    def __init__(self, mode: str, project: str, entity: str | None, group: str | None, job_type: str | None,
+                 name: str | None, tags: list[str] | None, log_model: bool, run_config: dict[str, Any] | None = None,
+                 dir: str | None = None, defaults: dict[str, Any] | None = None) -> None:
         if mode not in self.MODES:
             raise ConfigError(f"wandb.mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         if mode == "auto":
             mode = "online" if wandb_has_api_key() else "offline"
         self.mode = mode
+        self.log_model = log_model
+        self.dir = Path(dir) if dir is not None else None
         self.run = None
         if mode == "disabled":
             return
@@ -193,18 +209,26 @@ class WandbTracker(Tracker):
         try:
             import wandb
 
+            resume_id = defaults.get("id")
             self.run = wandb.init(
-                mode=mode, project=project, entity=entity, config=run_config, dir=dir, tags=list(tags or []),
+                mode=mode, project=project, entity=entity, config=run_config, dir=dir,
+                tags=[*(tags or []), *defaults.get("tags", [])],
                 group=group or defaults.get("group"), job_type=job_type or defaults.get("job_type"),
                 name=name or defaults.get("name"), reinit="finish_previous",
+                **({"id": resume_id, "resume": "allow"} if resume_id else {}),
             )
+            self.run_id = self.run.id
             self.run.define_metric("iteration")
             for prefix in ("train", "val", "test"):
                 self.run.define_metric(f"{prefix}/*", step_metric="iteration")
+            # The summary keeps the best validation value, not the last one.
+            self.run.define_metric("val/acc", step_metric="iteration", summary="max")
+            for key in ("val/loss", "val/mse"):
+                self.run.define_metric(key, step_metric="iteration", summary="min")
             self.run.define_metric("adapt/step")
             self.run.define_metric("adapt/*", step_metric="adapt/step")
             # Offline runs have no name until they are synced; the id is what `wandb sync` shows.
-            log.info("W&B run %s (%s mode)", self.run.name or self.run.id, mode)
+            log.info("W&B run %s (%s mode%s)", self.run.name or self.run.id, mode, ", resumed" if resume_id else "")
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
             self._fail(error)
 
@@ -224,8 +248,17 @@ class WandbTracker(Tracker):
         if self.run is None:
             return
         try:
-            for row in adaptation_rows(curves):
+            import wandb
+
+            rows = adaptation_rows(curves)
+            for row in rows:
                 self.run.log(row)
+            columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "adapt/step", k))
+            table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+            media: dict[str, Any] = {"adapt/table": table}
+            if self.dir is not None and (self.dir / "adaptation.png").is_file():
+                media["adapt/plot"] = wandb.Image(str(self.dir / "adaptation.png"))
+            self.run.log(media)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
 
@@ -234,9 +267,25 @@ class WandbTracker(Tracker):
             return
         try:
             self.run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float)})
+            if self.log_model:
+                self._log_best_model(results)
             self.run.finish()
         except Exception as error:  # noqa: BLE001
             self._fail(error)
+
+    def _log_best_model(self, results: dict[str, Any]) -> None:
+        import hashlib
+
+        import wandb
+
+        metric = curve_metric(results["curves"])
+        config_hash = hashlib.sha256(json.dumps(results["config"], sort_keys=True, default=str).encode()).hexdigest()
+        artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={
+            f"test/{metric}_mean": results[f"test/{metric}_mean"], f"test/{metric}_ci95": results[f"test/{metric}_ci95"],
+            "eval_tasks": results["eval_tasks"], "iteration": results["best_iteration"], "config_sha256": config_hash,
+        })
+        artifact.add_file(str(Path(results["output_dir"]) / "checkpoints" / "best.pt"))
+        self.run.log_artifact(artifact, aliases=["best"])
 
 
 class ConsoleTracker(Tracker):

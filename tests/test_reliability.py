@@ -1,0 +1,164 @@
+"""Bad input at the edges of a run: one line `metarun: error: ...`, exit 2, and nothing written before is
+lost. Checkpoints never run code when loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_GLYPHS, run_cli
+
+
+def tiny(*extra: str) -> list[str]:
+    return [*TINY_GLYPHS, *TINY, *extra]
+
+
+def fingerprint(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` with its SHA-256."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metarun: error: "), proc.stderr
+    assert expected in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished tiny run (conv4, Adam)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli(*tiny(f"hydra.run.dir={out}"), cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+class Payload:
+    """Unpickling this would create a file: what a malicious "checkpoint" does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"algorithm": Payload(marker)}, evil)
+    proc = run_cli(*tiny(f"resume={evil}", f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    one_line_error(proc, "would run code when unpickled, refused")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda run, tmp: tmp.joinpath("garbage.pt").write_bytes(os.urandom(300)) and tmp / "garbage.pt",
+     "is not a readable metarun checkpoint"),
+    (lambda run, tmp: run / "results.json", "is not a readable metarun checkpoint"),
+    (lambda run, tmp: tmp.joinpath("cut.pt").write_bytes((run / "checkpoints" / "last.pt").read_bytes()[:5000])
+     and tmp / "cut.pt", "is not a readable metarun checkpoint"),
+    (lambda run, tmp: run / "checkpoints" / "best.pt", "holds model weights only"),
+], ids=["garbage", "results-json", "truncated", "best-pt"])
+def test_a_file_that_is_not_a_run_checkpoint_is_one_line(finished, tmp_path, make, expected):
+    before = fingerprint(finished)
+    path = make(finished, tmp_path)
+    proc = run_cli(*tiny(f"resume={path}", f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    one_line_error(proc, expected)
+    assert fingerprint(finished) == before
+
+
+@pytest.mark.parametrize("change,expected", [
+    ("optimizer=sgd", "optimizer._target_: torch.optim.Adam -> torch.optim.SGD"),
+    ("backbone=mlp", "backbone._target_: metarun.backbones.Conv4 -> metarun.backbones.MLP"),
+    ("algorithm=anil", "algorithm._target_: metarun.algorithms.maml.MAML -> metarun.algorithms.anil.ANIL"),
+    ("shots=2", "shots: 1 -> 2"),
+])
+def test_resuming_with_other_settings_names_the_keys_that_differ(finished, tmp_path, change, expected):
+    before = fingerprint(finished)
+    proc = run_cli(*tiny(change, "iterations=3", f"resume={finished}", f"hydra.run.dir={tmp_path / 'run'}"),
+                   cwd=tmp_path)
+    one_line_error(proc, expected)
+    assert "resume with the same settings" in proc.stderr
+    assert fingerprint(finished) == before
+
+
+def test_resuming_may_change_the_length_and_the_evaluation(finished, tmp_path):
+    proc = run_cli(*tiny("iterations=3", "eval.tasks=6", "eval_every=2", f"resume={finished}",
+                         f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["eval_tasks"] == 6
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["ways=1"], "ways=1: a classification task needs >= 2 classes"),
+    (["algorithm=protonet", "algorithm.inner_lr=0.1"], "algorithm=protonet has no option inner_lr; its options: "
+                                                        "distance, cosine_scale"),
+    (["output_dir=/sys/metarun_read_only"], "cannot write into the run directory /sys/metarun_read_only"),
+])
+def test_values_no_run_can_use_are_one_line(tmp_path, overrides, expected):
+    one_line_error(run_cli(*tiny(*overrides, f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path), expected)
+
+
+def test_a_run_directory_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    for option in ("hydra.run.dir", "output_dir"):
+        proc = run_cli(*tiny(f"{option}={target}"), cwd=tmp_path)
+        one_line_error(proc, "is an existing file")
+        assert target.read_text() == "mine"
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_last_pt(compose_cfg, tmp_path, monkeypatch):
+    from metarun import checkpoint
+    from metarun.loop import run
+
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        saves.append(obj.keys())
+        if "optimizer" in obj and sum("optimizer" in keys for keys in saves) == 2:
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the previous last.pt, if any, "
+                                                          "is intact"):
+        run(compose_cfg("iterations=3"), tmp_path)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    saved = checkpoint.safe_load(tmp_path / "checkpoints" / "last.pt")
+    assert saved["state"]["iteration"] == 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+def test_ctrl_c_exits_with_one_line_and_a_usable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "metarun", *tiny("iterations=100000", "checkpoint_every=1", "eval_every=1000",
+                                                   f"hydra.run.dir={out}")]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metarun: interrupted;") and f"resume={out}" in lines[0], stderr
+    from metarun.checkpoint import safe_load
+
+    assert safe_load(last)["state"]["iteration"] >= 1
