@@ -162,3 +162,27 @@ def test_ctrl_c_exits_with_one_line_and_a_usable_checkpoint(tmp_path):
     from metarun.checkpoint import safe_load
 
     assert safe_load(last)["state"]["iteration"] >= 1
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("algorithm=nope", ["Could not find 'algorithm/nope'", "Available options", "maml", "protonet"]),
+    ("foo=1", ["Could not override 'foo'", "Key 'foo' not in 'RunConfig'"]),
+    ("iterations=abc", ["Value 'abc' of type 'str' could not be converted to Integer", "full_key: iterations"]),
+])
+def test_hydra_reports_unknown_groups_keys_and_types_itself(tmp_path, override, expected):
+    """Hydra's convention, left as it is: its message names the group's valid choices, or the key."""
+    proc = run_cli(*tiny(override, f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    assert proc.returncode == 1
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_kill_and_resume_campaign_is_bit_exact(tmp_path):
+    """scripts/kill_resume.py with N = 3: SIGKILL while a checkpoint is written, during the final test
+    evaluation, and at random; every resumed run ends bit-exactly where the uninterrupted one does."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "kill_resume.py"), "--trials", "3", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bit-exact: 3/3; corrupt checkpoints: 0/" in proc.stdout

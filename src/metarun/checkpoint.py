@@ -42,6 +42,14 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes that a killed process left in ``folder`` (SIGKILL skips
+    :func:`atomic_save`'s clean-up); the checkpoints themselves are never touched."""
+    if folder.is_dir():
+        for path in folder.rglob(".*.pt.*"):
+            path.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

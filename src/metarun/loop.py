@@ -214,6 +214,7 @@ def meta_train(
     """
     state = RunState()
     ckpt_dir = output_dir / "checkpoints"
+    checkpoint.remove_temporaries(ckpt_dir)
     if resume is not None:
         resume_from, saved = resume
         state = RunState.from_saved(checkpoint.restore_run(saved, resume_from, algorithm, optimizer, scheduler),
