@@ -77,7 +77,9 @@ def main() -> None:
     # The example's query uses as many samples per class as the support set (2 * shots per class).
     sampler = TaskSampler(splits.train, args.ways, args.shots, args.shots, device)
     algorithm = MAML(Conv4(), ways=args.ways, inner_lr=0.4, inner_steps=args.inner_steps,
-                     eval_inner_steps=args.inner_steps, first_order=args.first_order).to(device)
+                     eval_inner_steps=args.inner_steps, first_order=args.first_order,
+                     per_step_bn_statistics=False, per_step_bn_weights=False, per_step_inner_lrs=False,
+                     multi_step_loss=False, msl_anneal_iterations=0, first_order_iterations=0).to(device)
     ours_opt = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
 
     images = splits.train.images.float().div(255.0)

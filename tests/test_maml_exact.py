@@ -63,10 +63,15 @@ def problem():
     return W, task
 
 
+# MAML++'s switches, all off: Finn et al.'s MAML.
+PLAIN = {"per_step_bn_statistics": False, "per_step_bn_weights": False, "per_step_inner_lrs": False,
+         "multi_step_loss": False, "msl_anneal_iterations": 0, "first_order_iterations": 0}
+
+
 def meta_gradient(W: np.ndarray, task: Task, first_order: bool) -> np.ndarray:
     torch.set_default_dtype(torch.float64)
     try:
-        algorithm = MAML(Identity3(), ways=2, inner_lr=ALPHA, first_order=first_order, inner_steps=1, eval_inner_steps=1)
+        algorithm = MAML(Identity3(), ways=2, inner_lr=ALPHA, first_order=first_order, inner_steps=1, eval_inner_steps=1, **PLAIN)
     finally:
         torch.set_default_dtype(torch.float32)
     head = algorithm.learnable.module[1]
@@ -104,9 +109,9 @@ def test_a_head_wider_than_the_task_gives_the_same_learner_as_a_head_of_the_task
     W, task = problem
     torch.set_default_dtype(torch.float64)
     try:
-        narrow = MAML(Identity3(), ways=2, inner_lr=ALPHA, first_order=False, inner_steps=1, eval_inner_steps=1)
+        narrow = MAML(Identity3(), ways=2, inner_lr=ALPHA, first_order=False, inner_steps=1, eval_inner_steps=1, **PLAIN)
         wide = MAML(Identity3(), ways=2, train_ways=5, inner_lr=ALPHA, first_order=False, inner_steps=1,
-                    eval_inner_steps=1)
+                    eval_inner_steps=1, **PLAIN)
     finally:
         torch.set_default_dtype(torch.float32)
     assert wide.head_outputs == 5 and wide.learnable.module[1].out_features == 5

@@ -30,7 +30,8 @@ class GradientBasedAlgorithm(Algorithm):
     Subclasses call ``super().__init__`` and then set ``self.learnable``. By default the learnable
     is the whole classifier; an algorithm that adapts only part of it (ANIL: the head) overrides
     :meth:`inner_inputs` (what the learnable sees during adaptation) and :meth:`learner` (the
-    model scored on the query set).
+    model scored on the query set). An algorithm with another inner step overrides
+    :meth:`inner_update` (and :meth:`enter_step` for modules that depend on the step: MAML++).
 
     Args:
         ways: classes per task (outputs of the linear head).
@@ -71,6 +72,19 @@ class GradientBasedAlgorithm(Algorithm):
         """The model scored on the query set, given the adapted copy of ``self.learnable``."""
         return adapted
 
+    def inner_update(self, adapted: nn.Module, loss: torch.Tensor, step: int, first_order: bool) -> None:
+        """Adaptation step ``step`` (0-based) of ``adapted`` on the support ``loss``, in place.
+
+        Default: learn2learn's ``adapt``, ``theta - inner_lr * grad`` on every parameter of the
+        learnable (Meta-SGD's learner scales by its learned rates instead); MAML++ overrides it.
+        """
+        adapted.adapt(loss, first_order=first_order)
+
+    def enter_step(self, adapted: nn.Module, step: int) -> None:
+        """Called with ``adapted`` after ``step`` adaptation steps, before it runs any forward pass
+        (its query pass, and its support pass for step ``step + 1``). Default: nothing; MAML++'s
+        per-step BatchNorm reads the step here."""
+
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
         meta_gradients = torch.is_grad_enabled()
         inputs = self.inner_inputs(support.x)
@@ -80,11 +94,13 @@ class GradientBasedAlgorithm(Algorithm):
                 # Evaluation: adapt a copy cut off from the meta-parameters; nothing will be
                 # backpropagated, so first-order steps give the same learner for less work.
                 l2l.detach_module(adapted, keep_requires_grad=True)
+        self.enter_step(adapted, 0)
         yield self.learner(adapted)
-        for _ in range(steps):
+        for step in range(steps):
             with torch.enable_grad():
                 loss = self.objective.loss(adapted(inputs), support)
-                adapted.adapt(loss, first_order=self.first_order or not meta_gradients)
+                self.inner_update(adapted, loss, step, first_order=self.first_order or not meta_gradients)
+            self.enter_step(adapted, step + 1)
             yield self.learner(adapted)
 
     def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
