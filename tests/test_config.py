@@ -170,3 +170,16 @@ def test_negative_inner_lr_is_rejected(compose_cfg):
 def test_device_auto_picks_cuda_only_when_available():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+def test_an_algorithm_with_its_own_network_needs_no_fitting_backbone(compose_cfg):
+    """dataset=sinusoid with the default image backbone fails for MAML (the backbone is used and does not
+    fit), and is fine for the synaptic rule, which builds its own network: its backbone is dropped."""
+    from metarun import config
+    from metarun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backbone.in_channels"):
+        config.check_references(compose_cfg("dataset=sinusoid", "algorithm=maml"))
+    cfg = compose_cfg("dataset=sinusoid", "algorithm=synaptic")
+    config.check_references(cfg)
+    assert cfg.backbone is None

@@ -5,7 +5,6 @@ Everything that can fail on a bad config or missing data fails here, before trai
 
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 from dataclasses import dataclass
@@ -14,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun import config
 from metarun.algorithms.base import Algorithm
+from metarun.config import takes_features
 from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
 from metarun.tasks import FixedTasks, Sampler, TaskSource
@@ -93,16 +93,6 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTas
 # own network (the synaptic rule's) does not. The README's "Adding an algorithm" lists them.
 BUILD_ARGUMENTS = ("features", "ways", "train_ways", "objective")
 
-
-def takes_features(target: str) -> bool:
-    """Whether the algorithm ``target``'s constructor has a ``features`` parameter (True when the
-    target cannot be imported: instantiating it then reports that)."""
-    try:
-        return "features" in inspect.signature(get_class(target).__init__).parameters
-    except Exception:  # noqa: BLE001
-        return True
-
-
 def constructor_error(error: BaseException, target: str) -> ConfigError | None:
     """One line for an algorithm constructor called with arguments it does not take, or without
     ones it needs (Hydra reports these as a multi-line TypeError)."""
@@ -124,8 +114,7 @@ def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective 
     passed: dict[str, Any] = {"ways": cfg.ways, "train_ways": cfg.train_ways, "objective": objective or Classification()}
     target = cfg.algorithm.get("_target_", "algorithm")
     if not takes_features(target):
-        log.info("%s builds its own network: backbone=%s is not used", target,
-                 None if cfg.backbone is None else cfg.backbone.get("_target_"))
+        log.info("%s builds its own network: no backbone is built", target)
     elif cfg.backbone is None:
         raise ConfigError(f"{target} needs a backbone (its features), and the config has none (~backbone); "
                           f"choose one, e.g. backbone=conv4")

@@ -5,10 +5,12 @@ or a value of the wrong type fails when the config is composed, before anything 
 Range checks that a type cannot express are in :func:`validate`.
 """
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
@@ -64,13 +66,25 @@ class RunConfig:
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def takes_features(target: str) -> bool:
+    """Whether the algorithm ``target``'s constructor has a ``features`` parameter (the backbone),
+    True when the target cannot be imported: instantiating it then reports that."""
+    try:
+        return "features" in inspect.signature(get_class(target).__init__).parameters
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def check_references(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) when a value refers to a key the chosen groups do not have.
 
     Groups meet through interpolations (``backbone.in_channels: ${dataset.channels}``), so a
     backbone for images on a dataset without images (``dataset=sinusoid backbone=conv4``) fails
-    here, naming both keys, rather than with a stack trace from the resolver.
+    here, naming both keys, rather than with a stack trace from the resolver. An algorithm that
+    builds its own network uses no backbone: the backbone is set to null first, so it need not fit.
     """
+    if cfg.get("backbone") is not None and not takes_features(cfg.algorithm.get("_target_", "")):
+        cfg.backbone = None
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationKeyError as error:
