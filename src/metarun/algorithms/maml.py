@@ -102,9 +102,13 @@ class MAML(GradientBasedAlgorithm):
                 for name, _ in self.adapted_parameters(self.learnable.module)
             ])
         self.step_weights: list[float] | None = None
-        self.on_iteration(0, 1)  # until the loop says otherwise: the start of training
+        self.follow_schedules(0)  # until the loop says otherwise: the start of training
 
     def on_iteration(self, iteration: int, iterations: int) -> None:
+        self.follow_schedules(iteration)
+
+    def follow_schedules(self, iteration: int) -> None:
+        """MSL's step weights and DA's derivative order at ``iteration`` (updates done)."""
         self.first_order = self.always_first_order or iteration < self.first_order_iterations
         self.step_weights = None
         if self.multi_step_loss and self.inner_steps > 0:
