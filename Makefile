@@ -21,7 +21,7 @@ $(PY):
 $(STAMP): pyproject.toml constraints.txt scripts/build_learn2learn_wheel.py | $(PY)
 	$(PIP) pip setuptools wheel Cython
 	$(PY) scripts/build_learn2learn_wheel.py --wheelhouse $(WHEELHOUSE)
-	$(PIP) --find-links $(WHEELHOUSE) -e ".[dev]"
+	$(PIP) --find-links $(WHEELHOUSE) -e ".[dev,sweeps]"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install metarun with pinned dependencies

@@ -1,123 +1,239 @@
-"""Meta-iterations per second: metarun's MAML step against a plain learn2learn loop.
+"""Meta-iterations per second: a plain learn2learn loop, metarun per task, metarun vectorised.
 
-The baseline is written like learn2learn's ``examples/vision/maml_omniglot.py``: a TaskDataset
-over the images themselves (``LoadData`` copies every sample), support/query chosen by
-position, ``maml.clone()`` and ``adapt`` per task, ``backward`` per task, gradients averaged,
-one Adam step. metarun runs ``loop.train_step`` with its own sampler and algorithm. Both use
-the same backbone (Conv4, 64 filters, stride-2), the same data (generated glyphs, 28x28), the
-same ways/shots/meta-batch and inner steps, in the same process; rounds alternate between the
-two so machine noise hits both alike. The ratio is what to compare across machines.
+Four ways to run the same MAML meta-iteration (Conv4, 64 filters, stride 2, generated 28x28
+glyphs), in one process, rounds alternating between them so machine noise hits all alike:
 
-    python scripts/bench_maml.py --ways 5 --shots 1 --meta-batch-size 32 --rounds 5 --iterations 20
+- ``learn2learn``: written like learn2learn's ``examples/vision/maml_omniglot.py``: a TaskDataset
+  over the images themselves, support/query chosen by position, ``maml.clone()`` and ``adapt``
+  per task, ``backward`` per task, one Adam step;
+- ``per-task``: metarun before vectorisation: its learn2learn ``TaskSampler`` and the per-task
+  ``meta_step`` (``sampler=learn2learn algorithm.vectorize=false``);
+- ``per-task+dev``: the per-task ``meta_step`` on the device sampler (what ``vectorize=auto``
+  falls back to with the default ``sampler=device``);
+- ``vectorised``: the device sampler and the vectorised ``meta_step`` (``vectorize=true``).
+
+``auto`` is whichever of the last two ``vectorize=auto`` picks for the shape. Ratios are medians of
+per-round ratios against the learn2learn loop (``/l2l``) and against metarun's per-task path
+(``auto/per-task``). The grid covers 5-way 1-shot with 1 and 15 queries per class, meta-batch 4,
+16 and 32, 1 and 5 inner steps, first and second order (``--grid``), or one shape. ``--sampling``
+times the samplers alone (tasks/s at one meta-batch).
+
+    python scripts/bench_maml.py --grid --threads 1
+    python scripts/bench_maml.py --meta-batch-size 32 --inner-steps 1 --query-shots 1 --threads 1
+    python scripts/bench_maml.py --sampling --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
+from metarun.algorithms import vectorized
 from metarun.algorithms.base import MetaUpdate
 from metarun.algorithms.maml import MAML
 from metarun.backbones import Conv4
 from metarun.data.glyphs import load_glyphs
+from metarun.device_sampler import DeviceTaskSampler, sample_tasks
+from metarun.loop import hardware
 from metarun.tasks import TaskSampler
 
+VARIANTS = ("learn2learn", "per-task", "per-task+dev", "vectorised")
 
-def learn2learn_example_step(maml, optimizer, taskset, meta_batch_size, ways, shots, inner_steps, device):
+
+@dataclass(frozen=True)
+class Shape:
+    ways: int = 5
+    shots: int = 1
+    query_shots: int = 1
+    meta_batch_size: int = 32
+    inner_steps: int = 1
+    first_order: bool = False
+
+    def __str__(self) -> str:
+        return (f"{self.ways}w{self.shots}s q{self.query_shots} mb{self.meta_batch_size} k{self.inner_steps} "
+                f"{'FO' if self.first_order else 'SO'}")
+
+
+def learn2learn_example_step(maml, optimizer, taskset, shape: Shape, device) -> None:
     """One meta-iteration as learn2learn's maml_omniglot example writes it."""
     loss_fn = nn.CrossEntropyLoss(reduction="mean")
+    per_class = shape.shots + shape.query_shots
     optimizer.zero_grad()
-    for _ in range(meta_batch_size):
+    for _ in range(shape.meta_batch_size):
         learner = maml.clone()
         data, labels = taskset.sample()
         data, labels = data.to(device), labels.to(device)
         adaptation = torch.zeros(data.size(0), dtype=torch.bool)
-        adaptation[torch.arange(shots * ways) * 2] = True
+        # The TaskDataset's samples come class by class; the first `shots` of each adapt.
+        adaptation[(torch.arange(shape.ways)[:, None] * per_class + torch.arange(shape.shots)).flatten()] = True
         evaluation = ~adaptation
-        for _ in range(inner_steps):
+        for _ in range(shape.inner_steps):
             learner.adapt(loss_fn(learner(data[adaptation]), labels[adaptation]))
         loss_fn(learner(data[evaluation]), labels[evaluation]).backward()
     for p in maml.parameters():
-        p.grad.data.mul_(1.0 / meta_batch_size)
+        p.grad.data.mul_(1.0 / shape.meta_batch_size)
     optimizer.step()
 
 
-def time_it(step, iterations: int) -> float:
+def make_algorithm(shape: Shape, vectorize: str, device: torch.device) -> MAML:
+    torch.manual_seed(0)
+    return MAML(Conv4(), ways=shape.ways, inner_lr=0.4, inner_steps=shape.inner_steps,
+                eval_inner_steps=shape.inner_steps, first_order=shape.first_order, per_step_bn_statistics=False,
+                per_step_bn_weights=False, per_step_inner_lrs=False, multi_step_loss=False, msl_anneal_iterations=0,
+                first_order_iterations=0, vectorize=vectorize).to(device)
+
+
+def steps(shape: Shape, splits, device: torch.device) -> dict[str, Callable[[], None]]:
+    """One meta-iteration of each variant, as a function."""
+    sampler = TaskSampler(splits.train, shape.ways, shape.shots, shape.query_shots, device)
+    device_sampler = DeviceTaskSampler(sampler)
+    out: dict[str, Callable[[], None]] = {}
+
+    images = splits.train.images.float().div(255.0)
+    meta = l2l.data.MetaDataset(torch.utils.data.TensorDataset(images, splits.train.labels))
+    taskset = l2l.data.TaskDataset(meta, task_transforms=[
+        l2l.data.transforms.NWays(meta, shape.ways),
+        l2l.data.transforms.KShots(meta, shape.shots + shape.query_shots),
+        l2l.data.transforms.LoadData(meta),
+        l2l.data.transforms.RemapLabels(meta),
+        l2l.data.transforms.ConsecutiveLabels(meta),
+    ], num_tasks=-1)
+    torch.manual_seed(0)
+    baseline = l2l.algorithms.MAML(nn.Sequential(Conv4(), nn.Linear(64, shape.ways)), lr=0.4,
+                                   first_order=shape.first_order).to(device)
+    base_opt = torch.optim.Adam(baseline.parameters(), lr=1e-3)
+    out["learn2learn"] = lambda: learn2learn_example_step(baseline, base_opt, taskset, shape, device)
+
+    for name, vectorize, source in (("per-task", "false", sampler), ("per-task+dev", "false", device_sampler),
+                                    ("vectorised", "true", device_sampler)):
+        algorithm = make_algorithm(shape, vectorize, device)
+        update = MetaUpdate(torch.optim.Adam(algorithm.parameters(), lr=1e-3), grad_clip=None)
+
+        def step(algorithm=algorithm, update=update, source=source) -> None:
+            algorithm.train()  # what metarun's loop does per iteration: sample the meta-batch, then meta_step
+            algorithm.meta_step(sample_tasks(source, shape.meta_batch_size), update)
+
+        out[name] = step
+    return out
+
+
+def auto_choice(shape: Shape, splits, device: torch.device) -> bool:
+    """Whether vectorize=auto vectorises this shape."""
+    algorithm = make_algorithm(shape, "auto", device)
+    sampler = DeviceTaskSampler(TaskSampler(splits.train, shape.ways, shape.shots, shape.query_shots, device))
+    return vectorized.choose(algorithm, sampler.sample_batch(shape.meta_batch_size), "meta-training")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(step: Callable[[], None], iterations: int, device: torch.device) -> float:
+    sync(device)
     start = time.perf_counter()
     for _ in range(iterations):
         step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync(device)
     return iterations / (time.perf_counter() - start)
+
+
+def bench_shape(shape: Shape, splits, device: torch.device, rounds: int, seconds: float,
+                variants: tuple[str, ...] = VARIANTS) -> dict[str, list[float]]:
+    """Per-round meta-it/s of every variant; each round runs every variant for about ``seconds``."""
+    fns = {name: fn for name, fn in steps(shape, splits, device).items() if name in variants}
+    iterations = {}
+    for name, fn in fns.items():  # warm-up, and the iterations that make about `seconds`
+        fn()
+        iterations[name] = max(1, round(seconds * rate(fn, 1, device)))
+    rates: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            rates[name].append(rate(fn, iterations[name], device))
+    return rates
+
+
+def ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+
+
+def bench_sampling(splits, device: torch.device, shape: Shape, rounds: int, seconds: float) -> None:
+    """Tasks per second of today's sampler (``sample()`` per task) and of the device sampler."""
+    sampler = TaskSampler(splits.train, shape.ways, shape.shots, shape.query_shots, device)
+    device_sampler = DeviceTaskSampler(sampler)
+    mb = shape.meta_batch_size
+    fns = {"learn2learn": lambda: [sampler.sample() for _ in range(mb)],
+           "device": lambda: device_sampler.sample_batch(mb)}
+    iterations = {name: max(1, round(seconds * rate(fn, 1, device))) for name, fn in fns.items()}
+    rates: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            rates[name].append(rate(fn, iterations[name], device) * mb)
+    print(f"sampling {shape.ways}-way {shape.shots}-shot, {shape.query_shots} queries, meta-batch {mb}: "
+          f"learn2learn {statistics.median(rates['learn2learn']):9.0f} tasks/s, "
+          f"device {statistics.median(rates['device']):9.0f} tasks/s, "
+          f"ratio {ratio(rates, 'device', 'learn2learn'):.1f}x (median of {rounds} rounds)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--query-shots", type=int, default=1)
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--first-order", action="store_true", help="first-order MAML in both loops")
-    parser.add_argument("--iterations", type=int, default=20, help="meta-iterations per timed round")
+    parser.add_argument("--first-order", action="store_true")
+    parser.add_argument("--grid", action="store_true", help="the whole grid (queries 1/15, meta-batch 4/16/32, "
+                                                            "steps 1/5, both orders)")
+    parser.add_argument("--sampling", action="store_true", help="time the samplers alone")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per variant per round (about)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave the default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
     splits = load_glyphs()
-    # The example's query uses as many samples per class as the support set (2 * shots per class).
-    sampler = TaskSampler(splits.train, args.ways, args.shots, args.shots, device)
-    algorithm = MAML(Conv4(), ways=args.ways, inner_lr=0.4, inner_steps=args.inner_steps,
-                     eval_inner_steps=args.inner_steps, first_order=args.first_order,
-                     per_step_bn_statistics=False, per_step_bn_weights=False, per_step_inner_lrs=False,
-                     multi_step_loss=False, msl_anneal_iterations=0, first_order_iterations=0).to(device)
-    ours_opt = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
-
-    images = splits.train.images.float().div(255.0)
-    meta = l2l.data.MetaDataset(torch.utils.data.TensorDataset(images, splits.train.labels))
-    taskset = l2l.data.TaskDataset(meta, task_transforms=[
-        l2l.data.transforms.NWays(meta, args.ways),
-        l2l.data.transforms.KShots(meta, 2 * args.shots),
-        l2l.data.transforms.LoadData(meta),
-        l2l.data.transforms.RemapLabels(meta),
-        l2l.data.transforms.ConsecutiveLabels(meta),
-    ], num_tasks=-1)
-    baseline = l2l.algorithms.MAML(nn.Sequential(Conv4(), nn.Linear(64, args.ways)), lr=0.4,
-                                   first_order=args.first_order).to(device)
-    base_opt = torch.optim.Adam(baseline.parameters(), lr=1e-3)
-
-    update = MetaUpdate(ours_opt, grad_clip=None)
-
-    def ours():  # what metarun's loop does per iteration: sample the meta-batch, then the algorithm's meta-step
-        algorithm.train()
-        algorithm.meta_step([sampler.sample() for _ in range(args.meta_batch_size)], update)
-
-    def theirs():
-        learn2learn_example_step(baseline, base_opt, taskset, args.meta_batch_size, args.ways, args.shots,
-                                 args.inner_steps, device)
-
-    time_it(ours, 2), time_it(theirs, 2)  # warm-up
-    ours_rates, theirs_rates = [], []
-    for _ in range(args.rounds):
-        ours_rates.append(time_it(ours, args.iterations))
-        theirs_rates.append(time_it(theirs, args.iterations))
-    ratios = [o / t for o, t in zip(ours_rates, theirs_rates, strict=True)]
-    print(f"hardware: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
-    print(f"shape: {args.ways}-way {args.shots}-shot, meta-batch {args.meta_batch_size}, "
-          f"{args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order, {args.rounds} rounds x {args.iterations} iterations")
-    print(f"metarun       {statistics.median(ours_rates):7.2f} meta-it/s (median; rounds {[round(r, 2) for r in ours_rates]})")
-    print(f"learn2learn   {statistics.median(theirs_rates):7.2f} meta-it/s (median; rounds {[round(r, 2) for r in theirs_rates]})")
-    print(f"ratio metarun/learn2learn: {statistics.median(ratios):.3f} (median of per-round ratios)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"hardware: {hardware(device)}; {torch.get_num_threads()} torch thread(s); "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else "")
+    print(f"python {platform.python_version()}; rounds {args.rounds} x ~{args.seconds:g} s per variant")
+    if args.sampling:
+        for mb in (4, 16, 32):
+            bench_sampling(splits, device, Shape(args.ways, args.shots, args.query_shots, mb), args.rounds, args.seconds)
+        return
+    if args.grid:
+        shapes = [Shape(args.ways, args.shots, q, mb, k, fo)
+                  for q, mb, k, fo in itertools.product((1, 15), (4, 16, 32), (1, 5), (False, True))]
+    else:
+        shapes = [Shape(args.ways, args.shots, args.query_shots, args.meta_batch_size, args.inner_steps,
+                        args.first_order)]
+    variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
+    print(f"{'shape':<24} " + " ".join(f"{v:>12}" for v in variants) + "   (meta-it/s, medians)")
+    for shape in shapes:
+        rates = bench_shape(shape, splits, device, args.rounds, args.seconds, variants)
+        line = f"{str(shape):<24} " + " ".join(f"{statistics.median(rates[v]):12.2f}" for v in variants)
+        if {"learn2learn", "per-task", "vectorised"} <= set(variants):
+            auto = auto_choice(shape, splits, device)
+            chosen = "vectorised" if auto else "per-task+dev"
+            line += (f" | /l2l: per-task {ratio(rates, 'per-task', 'learn2learn'):.2f} "
+                     f"vectorised {ratio(rates, 'vectorised', 'learn2learn'):.2f} | vectorised/per-task "
+                     f"{ratio(rates, 'vectorised', 'per-task'):.2f}")
+            if chosen in rates:
+                line += f" | auto={'vec' if auto else 'loop'} auto/per-task {ratio(rates, chosen, 'per-task'):.2f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

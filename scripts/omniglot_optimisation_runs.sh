@@ -38,6 +38,6 @@ run maml3_plus_plus algorithm=maml_plus_plus algorithm.inner_lr=0.4 algorithm.in
     algorithm.eval_inner_steps=3 algorithm.msl_anneal_iterations=200 algorithm.first_order_iterations=200 \
     scheduler=cosine eval.top_k=3
 # The other methods of the family, at the same budget.
-run reptile algorithm=reptile
-run meta_lstm algorithm=meta_lstm
-run synaptic algorithm=synaptic
+run reptile algorithm=reptile train_shots=10 algorithm.eval_inner_steps=50  # the authors: 10 training shots, 50 test steps
+run meta_lstm algorithm=meta_lstm backbone.hidden=16  # 64 filters: ~50x the CPU of MAML per task
+run synaptic algorithm=synaptic optimizer.lr=0.03

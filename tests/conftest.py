@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -88,3 +89,13 @@ def omniglot_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(OMNIGLOT_TAR) as tar:
         tar.extractall(root, filter="data")
     return root
+
+
+@contextlib.contextmanager
+def float64():
+    """Float64 as torch's default dtype inside the block (exact comparisons of two computations)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)

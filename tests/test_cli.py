@@ -108,6 +108,9 @@ def test_unknown_option_lists_the_valid_ones(tmp_path):
         (["algorithm.inner_lr=-1"], "metarun: error: algorithm.inner_lr must be >= 0"),
         (["dataset=omniglot", "dataset.root=/nonexistent/omniglot"], "/nonexistent/omniglot"),
         (["resume=/nonexistent/run"], "metarun: error: no checkpoint to resume"),
+        # Training tasks from one alphabet: the tiny glyphs' alphabets have <= 10 training characters.
+        (["dataset.within_group=true", "train_ways=12"],
+         "metarun: error: within_group tasks need a group with train_ways=12 classes but the largest of the train split"),
         (["dataset=sinusoid"], "metarun: error: backbone.in_channels: Interpolation key 'dataset.channels' not found"),
         (["dataset=sinusoid", "backbone=mlp_sinusoid", "dataset.amplitude=[5,1]"],
          "metarun: error: dataset.amplitude must be [low, high] with low <= high"),

@@ -254,6 +254,41 @@ def test_rotations_quadruple_the_classes_of_every_split(tmp_path):
         assert torch.equal(r.images[r.labels == 0], p.images[p.labels == 0])
 
 
+def test_rotations_for_training_only_leave_val_and_test_unrotated(tmp_path):
+    plain = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    rotated = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations="train")
+    assert rotated.train.num_classes == 4 * plain.train.num_classes == 48
+    assert rotated.train.class_names[1] == f"{plain.train.class_names[0]}/rot090"
+    for name in ("val", "test"):
+        assert getattr(rotated, name).class_names == getattr(plain, name).class_names  # no "/rotNNN" classes
+        assert torch.equal(getattr(rotated, name).images, getattr(plain, name).images)
+    # A list of splits, and the names of true/false.
+    some = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=["train", "val"])
+    assert [part.num_classes for _, part in some.items()] == [48, 16, 4]
+    for alias, flag in (("all", True), ("none", False)):
+        assert_same_splits(load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=alias),
+                           load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=flag))
+    with pytest.raises(DatasetError, match=r"dataset.rotations must be true, false, all, none, eval .* got 'trian'"):
+        load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations="trian")
+
+
+def test_an_image_file_of_a_drawing_loads_back_as_the_same_image(small, tmp_path):
+    """``load_image`` is the dataset's own preprocessing (``preprocess``, which the generator's
+    drawings pass through): a PNG of a drawing decodes to that drawing, bit for bit; a larger
+    image is box-filtered down as the generator reduces its supersampled canvas."""
+    from PIL import Image
+
+    image = small.images[7]  # uint8 [1, 28, 28]
+    Image.fromarray(image[0].numpy()).save(tmp_path / "glyph.png")
+    assert torch.equal(torch.from_numpy(glyphs.load_image(tmp_path / "glyph.png", 28)), image)
+    big = Image.fromarray(image[0].numpy()).resize((112, 112), Image.NEAREST)
+    big.convert("RGB").save(tmp_path / "big.png")  # colour, 4x: greyscale and reduced
+    assert torch.equal(torch.from_numpy(glyphs.load_image(tmp_path / "big.png", 28)), image)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="cannot decode .*broken.png"):
+        glyphs.load_image(tmp_path / "broken.png", 28)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

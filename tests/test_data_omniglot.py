@@ -12,6 +12,7 @@ import logging
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -143,6 +144,20 @@ def test_ink_is_bright_on_a_dark_background(fake_folders: Path, cache: str) -> N
     assert images[:, 0, 20:, 20:].max() == 0
 
 
+def test_load_image_decodes_a_file_as_the_loader_decodes_the_dataset(fake_folders: Path, cache: str) -> None:
+    """``load_image`` (what metarun-eval reads episode images with) goes through the loader's own
+    ``decode_png``: a drawing's file gives exactly the image the dataset holds for it."""
+    classes = load_omniglot_classes(str(fake_folders), image_size=20, cache_dir=cache)
+    first = sorted((fake_folders / "images_background" / "Beta" / "character02").glob("*.png"))[0]
+    label = classes.class_names.index("Beta/character02")
+    expected = classes.images[classes.labels == label][0]  # the class's first drawing, files sorted
+    image = omniglot.load_image(first, 20)
+    assert image.shape == (1, 20, 20) and image.dtype == np.uint8
+    assert torch.equal(torch.from_numpy(image), expected)
+    with pytest.raises(DatasetError, match="cannot read .*missing.png"):
+        omniglot.load_image(fake_folders / "missing.png", 20)
+
+
 def test_image_size(fake_folders: Path, cache: str) -> None:
     classes = load_omniglot_classes(str(fake_folders), image_size=20, cache_dir=cache)
     assert classes.images.shape == (FAKE_CLASSES * DRAWINGS, 1, 20, 20)
@@ -252,7 +267,7 @@ def test_second_call_loads_the_cache(fake_folders: Path, cache: str, monkeypatch
     files = list(Path(cache).iterdir())
     assert len(files) == 1 and files[0].suffix == ".pt"  # no temp file left behind
 
-    monkeypatch.setattr(omniglot, "_decode_png", _refuse_to_decode)
+    monkeypatch.setattr(omniglot, "decode_png", _refuse_to_decode)
     second = load_omniglot_classes(str(fake_folders), cache_dir=cache)
 
     assert second.class_names == first.class_names
@@ -423,6 +438,25 @@ def test_maml_rotations_stay_in_the_split_of_their_character(fake_folders: Path,
     assert not torch.equal(turned, upright)
 
 
+def test_rotations_for_training_only_leave_val_and_test_unrotated(fake_folders: Path, cache: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = load_omniglot(str(fake_folders), rotations=False, split_sizes=(4, 2, 2), cache_dir=cache)
+    rotated = load_omniglot(str(fake_folders), rotations="train", split_sizes=(4, 2, 2), cache_dir=cache)
+    assert rotated.train.num_classes == 4 * plain.train.num_classes == 16
+    assert {name.rsplit("/", 1)[0] for name in rotated.train.class_names} == set(plain.train.class_names)
+    for part in ("val", "test"):
+        assert getattr(rotated, part).class_names == getattr(plain, part).class_names
+        assert torch.equal(getattr(rotated, part).images, getattr(plain, part).images)
+    # Koch's alphabets split takes the same option.
+    monkeypatch.setattr("metarun.data.omniglot.EVALUATION_ALPHABETS", ("Gamma",))
+    alphabets = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations=["train"],
+                              cache_dir=cache)
+    unrotated = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations="none", cache_dir=cache)
+    assert alphabets.train.num_classes == 4 * unrotated.train.num_classes
+    assert alphabets.test.class_names == unrotated.test.class_names == ["Gamma/character01", "Gamma/character02",
+                                                                         "Gamma/character03"]
+
+
 def _write_split_files(folder: Path, splits: dict[str, list[str]]) -> Path:
     folder.mkdir()
     for split, names in splits.items():
@@ -443,6 +477,16 @@ def test_vinyals_split_with_rotated_names(fake_folders: Path, tmp_path: Path, ca
     for split, part in splits.items():
         assert part.class_names == ROTATED_LISTS[split]
         assert part.images.shape[0] == DRAWINGS * len(ROTATED_LISTS[split])
+
+
+def test_vinyals_rotated_lists_with_rotations_for_training_only(fake_folders: Path, tmp_path: Path, cache: str) -> None:
+    """The lists name every rotation; a split left out of dataset.rotations keeps its rot000 classes."""
+    split_dir = _write_split_files(tmp_path / "lists", ROTATED_LISTS)
+    splits = load_omniglot(str(fake_folders), split="vinyals", rotations="train", split_dir=str(split_dir),
+                           cache_dir=cache)
+    assert splits.train.class_names == ROTATED_LISTS["train"]
+    for part in ("val", "test"):
+        assert getattr(splits, part).class_names == [n for n in ROTATED_LISTS[part] if n.endswith("/rot000")]
 
 
 def test_vinyals_split_without_rotations(fake_folders: Path, tmp_path: Path, cache: str) -> None:
@@ -599,7 +643,7 @@ def test_real_omniglot_alphabets_split_and_within_alphabet_tasks(real_omniglot: 
     assert len(set(splits.train.groups)) == 30 - 10 and len(set(splits.val.groups)) == 10
     assert splits.train.num_classes + splits.val.num_classes == 964 and splits.test.num_classes == 659
     assert set(splits.test.groups) == set(EVALUATION_ALPHABETS)
-    sampler = TaskSampler(splits.test, ways=20, shots=1, query_shots=1, within_group=splits.within_group)
+    sampler = TaskSampler(splits.test, ways=20, shots=1, query_shots=1, within_group="test" in splits.within_group)
     for index, label in (sampler.sample_indices() for _ in range(20)):
         alphabets = {splits.test.groups[int(splits.test.labels[i])] for i in index}
         assert len(alphabets) == 1 and len(set(label.tolist())) == 20

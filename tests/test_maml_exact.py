@@ -65,7 +65,8 @@ def problem():
 
 # MAML++'s switches, all off: Finn et al.'s MAML.
 PLAIN = {"per_step_bn_statistics": False, "per_step_bn_weights": False, "per_step_inner_lrs": False,
-         "multi_step_loss": False, "msl_anneal_iterations": 0, "first_order_iterations": 0}
+         "multi_step_loss": False, "msl_anneal_iterations": 0, "first_order_iterations": 0,
+         "vectorize": False}
 
 
 def meta_gradient(W: np.ndarray, task: Task, first_order: bool) -> np.ndarray:

@@ -8,15 +8,13 @@ exactly, and MAML++ learns glyphs.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
+from conftest import CONF, float64
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.maml_plus_plus import PerStepBatchNorm, multi_step_loss_weights
 from metarun.backbones import MLP, Conv4
@@ -26,16 +24,8 @@ from test_maml_exact import ALPHA, Identity3, grad, hessian_vector
 from test_metric import trained_and_untrained
 
 OFF = {"per_step_bn_statistics": False, "per_step_bn_weights": False, "per_step_inner_lrs": False,
-       "multi_step_loss": False, "msl_anneal_iterations": 0, "first_order_iterations": 0}
-
-
-@contextlib.contextmanager
-def float64():
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(torch.float32)
+       "multi_step_loss": False, "msl_anneal_iterations": 0, "first_order_iterations": 0,
+       "vectorize": False}
 
 
 def maml_pp(features, inner_steps: int, first_order: bool = False, inner_lr: float = ALPHA, **switches) -> MAML:

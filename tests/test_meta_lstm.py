@@ -9,7 +9,6 @@ method learns glyphs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
+from conftest import CONF, float64
 from metarun.algorithms.meta_lstm import Learner, MetaLearnerCell, MetaLSTM, preprocess
 from metarun.backbones import MLP, Conv4
 from metarun.errors import ConfigError
@@ -29,15 +28,6 @@ from test_maml_exact import Identity3, grad, softmax
 from test_metric import trained_and_untrained
 
 P = 10.0
-
-
-@contextlib.contextmanager
-def float64():
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(torch.float32)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -107,30 +108,65 @@ def test_without_within_group_tasks_mix_groups():
 
 
 def test_within_group_without_a_large_enough_group_is_one_clear_error():
-    with pytest.raises(DatasetError, match=r"ways=7 classes but the largest of the train split has 6.*within_group=false"):
+    with pytest.raises(DatasetError, match=r"ways=7 classes but the largest of the train split has 6.*within_group=test"):
         TaskSampler(grouped_classes(), ways=7, shots=1, query_shots=1, within_group=True)
 
 
-def test_augment_is_applied_to_every_task_image():
-    sampler = TaskSampler(toy_classes(), ways=5, shots=1, query_shots=2, augment=lambda x: 1.0 - x)
-    plain = TaskSampler(toy_classes(), ways=5, shots=1, query_shots=2)
-    random.seed(4)
-    augmented = sampler.sample()
-    random.seed(4)
-    original = plain.sample()
-    assert torch.equal(augmented.support.x, 1.0 - original.support.x)
-    assert torch.equal(augmented.query.x, 1.0 - original.query.x)
-    assert augmented.support.ways == 5 and augmented.query.ways == 5
+def test_a_group_too_small_for_training_tasks_blames_train_ways_and_for_evaluation_tasks_ways():
+    with pytest.raises(DatasetError, match=r"^within_group tasks need a group with train_ways=7 classes .* lower "
+                                           r"train_ways, or leave the train split out of dataset.within_group"):
+        TaskSampler(grouped_classes(), ways=7, shots=1, query_shots=1, split_name="train", within_group=True)
+    with pytest.raises(DatasetError, match=r"^within_group tasks need a group with ways=7 classes but the largest of "
+                                           r"the test split has 6; lower ways,"):
+        TaskSampler(grouped_classes(), ways=7, shots=1, query_shots=1, split_name="test", within_group=True)
 
 
-def test_class_splits_make_the_sampler_of_the_named_split_with_their_within_group():
-    """``ClassSplits.sampler`` is the TaskSource interface build_data calls."""
-    grouped = grouped_classes()
-    splits = ClassSplits(train=toy_classes(), val=grouped, test=toy_classes(num_classes=6), within_group=True)
-    sampler = splits.sampler("val", ways=3, shots=1, query_shots=1, device="cpu", augment=None)
-    for _ in range(20):
-        assert len({grouped.groups[i // 6] for i in sample_ids(sampler.sample().support)}) == 1
-    with pytest.raises(DatasetError, match="ways=7 but the test split has only 6 classes"):
-        splits.sampler("test", ways=7, shots=1, query_shots=1, device="cpu", augment=None)
-    flipped = splits.sampler("train", ways=5, shots=1, query_shots=1, device="cpu", augment=lambda x: 1.0 - x)
-    assert flipped.augment is not None
+def test_groups_too_small_are_skipped_and_the_log_says_how_many_once(caplog):
+    with caplog.at_level(logging.INFO, logger="metarun.tasks"):
+        sampler = TaskSampler(grouped_classes(), ways=3, shots=1, query_shots=1, split_name="test", within_group=True)
+        for _ in range(5):
+            sampler.sample()
+    said = [r.getMessage() for r in caplog.records if "never drawn" in r.getMessage()]
+    assert said == ["within_group test tasks: 1 of 3 groups have fewer than ways=3 classes and are never drawn"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="metarun.tasks"):
+        TaskSampler(grouped_classes(), ways=2, shots=1, query_shots=1, within_group=True)
+    assert not [r for r in caplog.records if "never drawn" in r.getMessage()]  # every group is large enough
+
+
+@pytest.mark.parametrize(("within_group", "grouped"), [
+    ("test", {"test"}), (["val", "test"], {"val", "test"}), ("eval", {"val", "test"}), (True, {"train", "val", "test"}),
+    ("all", {"train", "val", "test"}), (False, set()), ("none", set()), (["train"], {"train"}),
+])
+def test_within_group_can_name_the_splits_whose_tasks_stay_in_one_group(within_group, grouped):
+    classes = grouped_classes()
+    splits = ClassSplits(train=classes, val=classes, test=classes, within_group=within_group)
+    assert splits.within_group == grouped
+    for name in ("train", "val", "test"):
+        sampler = splits.sampler(name, ways=3, shots=1, query_shots=1, device="cpu", augment=None)
+        mixed = sum(len({classes.groups[i // 6] for i in sample_ids(sampler.sample().support)}) > 1 for _ in range(30))
+        assert (mixed == 0) == (name in grouped), name
+
+
+def test_a_bad_within_group_value_is_one_clear_error():
+    with pytest.raises(DatasetError, match=r"dataset.within_group must be true, false, all, none, eval .* got \['tset'\]"):
+        ClassSplits(train=toy_classes(), val=toy_classes(), test=toy_classes(), within_group=["tset"])
+
+
+def test_training_across_groups_and_testing_within_one_from_the_config(compose_cfg):
+    """``train_ways=8 ways=3 dataset.within_group=test``: training tasks mix alphabets, test tasks
+    draw all their classes from one (a Hydra override gives the string ``test``)."""
+    from hydra.utils import instantiate
+
+    from metarun.build import build_data
+
+    cfg = compose_cfg("dataset.num_alphabets=2", "dataset.characters_per_alphabet=20", "dataset.split_sizes=[20,10,-1]",
+                      "train_ways=8", "ways=3", "dataset.within_group=test")
+    build_data(cfg, torch.device("cpu"))  # the run's data path takes it
+    splits = instantiate(cfg.dataset, _convert_="all")
+    assert splits.within_group == {"test"}
+    for name, ways, one_group in (("train", 8, False), ("test", 3, True)):
+        sampler = splits.sampler(name, ways, 1, 1, "cpu", None)
+        classes = dict(splits.items())[name]
+        groups = [len({classes.groups[int(classes.labels[i])] for i in sampler.sample_indices()[0]}) for _ in range(20)]
+        assert all(g == 1 for g in groups) == one_group, name

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun import config
 from metarun.algorithms.base import Algorithm
 from metarun.config import takes_features
+from metarun.device_sampler import training_sampler
 from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
 from metarun.tasks import FixedTasks, Sampler, TaskSource
@@ -78,6 +79,7 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTas
                               f"classes (with one class every answer is right, so its accuracy says nothing)")
     augment = instantiate(cfg.augment) if cfg.augment is not None else None
     train = source.sampler("train", cfg.train_ways, cfg.train_shots, cfg.train_query_shots, device, augment)
+    train = training_sampler(train, cfg.sampler)  # sampler=device: whole meta-batches on the device
     val = source.sampler("val", cfg.ways, cfg.shots, cfg.query_shots, device, None)
     test = source.sampler("test", cfg.ways, cfg.shots, cfg.query_shots, device, None)
     return (

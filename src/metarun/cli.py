@@ -6,8 +6,10 @@ loss) are printed as one line, ``metarun: error: ...``, with exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,23 +60,31 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def run_job(cfg: DictConfig) -> float:
-    output_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
+@contextlib.contextmanager
+def user_errors(interrupted: str) -> Iterator[None]:
+    """What a user can fix ends as one ``metarun: error:`` line and exit 2 (:func:`user_error`),
+    Ctrl-C as ``metarun: <interrupted>`` and exit 130; anything else is a bug and keeps its traceback."""
     try:
-        config.check_references(cfg)  # before printing the resolved config
-        if cfg.console:
-            print(OmegaConf.to_yaml(cfg, resolve=True))
-        return run(cfg, output_dir, wandb_defaults(cfg))
+        yield
     except KeyboardInterrupt:
-        print(f"metarun: interrupted; checkpoints so far are in {output_dir / 'checkpoints'}: continue with "
-              f"resume={output_dir}", file=sys.stderr)
+        print(f"metarun: {interrupted}", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
         cause = user_error(error)
         if cause is None:
             raise
         fail(str(cause))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def run_job(cfg: DictConfig) -> float:
+    output_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
+    with user_errors(f"interrupted; checkpoints so far are in {output_dir / 'checkpoints'}: continue with "
+                     f"resume={output_dir}"):
+        config.check_references(cfg)  # before printing the resolved config
+        if cfg.console:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+        return run(cfg, output_dir, wandb_defaults(cfg))
 
 
 GROUPS = ("dataset", "algorithm", "backbone", "optimizer", "scheduler", "augment")
@@ -87,6 +97,7 @@ def check_arguments(args: list[str]) -> None:
     for unknown groups, keys and types are left as Hydra prints them."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
     from hydra.errors import ConfigCompositionException
 
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
@@ -99,6 +110,8 @@ def check_arguments(args: list[str]) -> None:
             path = Path(str(override.value())).expanduser()
             if path.exists() and not path.is_dir():
                 fail(f"{override.key_or_group}={path} is an existing file, not a directory; choose another")
+    # A sweeper's interval (``interval(0.01, 0.5)``, Optuna) has no first value to check: left to Hydra.
+    parsed = [o for o in parsed if not isinstance(o.value(), IntervalSweep)]
     options = [o for o in parsed if "." in o.key_or_group and o.key_or_group.split(".")[0] in GROUPS
                and not o.is_add() and not o.is_delete() and not o.is_force_add()]
     if not options:

@@ -44,10 +44,12 @@ class RunConfig:
     augment: Any = None  # training-only image augmentation (conf/augment/), null: none
 
     seed: int = MISSING
-    device: str = MISSING  # auto | cpu | cuda | cuda:N ; auto picks cuda when available
+    device: str = MISSING  # auto | cpu | cuda | cuda:N ; auto picks cuda when available; ${metarun.job_gpu:} in sweeps
     threads: int = MISSING  # torch CPU threads; 0 keeps torch's default (one per core), which crawls on a busy CPU
     iterations: int = MISSING  # meta-training iterations (one meta-batch each)
     meta_batch_size: int = MISSING  # tasks per meta-update
+    sampler: str = MISSING  # meta-training tasks: device (a meta-batch in a few tensor ops, metarun.device_sampler)
+    # | learn2learn (its TaskDataset, task by task; within_group tasks always use it)
     grad_clip: float | None = MISSING  # clip the meta-gradient's global norm; null: no clipping
     ways: int = MISSING  # classes per evaluation task
     shots: int = MISSING  # support samples per class at evaluation (K points for regression)
@@ -59,14 +61,41 @@ class RunConfig:
     checkpoint_every: int = MISSING  # write checkpoints/last.pt every N iterations
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str | None = MISSING  # null: Hydra's output directory of the job
-    resume: str | None = MISSING  # a checkpoint file or a run directory holding checkpoints/last.pt
+    resume: str | None = MISSING  # a checkpoint file or a run directory holding checkpoints/last.pt;
+    # auto: this job's own checkpoints/last.pt when there is one (a requeued job), else a new run
     console: bool = MISSING  # rich progress bar and tables
-    # The published result an experiment preset aims for, e.g. {source: "Finn et al. 2017, Table 1",
-    # metric: acc, mean: 98.7, ci95: 0.4}; a record for readers and table tools, training never reads it.
+    # The published result an experiment preset aims for, read by ``metarun-table`` only: e.g.
+    # {source: "Finn et al. 2017, Table 1", metric: acc, mean: 98.7, ci95: 0.4}; training never reads it.
     paper: Any = None
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+RESUME_AUTO = "auto"  # resume=auto: the job's own checkpoints/last.pt if present
+
+
+def job_gpu(count: int | str | None = None) -> str:
+    """``${metarun.job_gpu:}``: the device of the current Hydra job in a sweep, one GPU per job.
+
+    Job ``n`` gets ``cuda:{n % count}``; ``count`` defaults to the GPUs torch sees. Without a GPU
+    it is ``cpu``; outside a sweep (no job number) job 0.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    count = int(count) if count not in (None, "") else _cuda_device_count()
+    if count < 1:
+        return "cpu"
+    num = OmegaConf.select(HydraConfig.get(), "job.num", default=0) if HydraConfig.initialized() else 0
+    return f"cuda:{int(num or 0) % count}"
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+OmegaConf.register_new_resolver("metarun.job_gpu", job_gpu, replace=True)
 
 
 def takes_features(target: str) -> bool:
@@ -129,5 +158,9 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is not None and lr < 0:
         raise ConfigError(f"optimizer.lr must be >= 0, got {lr}")
+    if cfg.resume is not None and not str(cfg.resume).strip():
+        raise ConfigError("resume must be a run directory, a checkpoint file, auto or null, got an empty string")
+    if cfg.sampler not in ("device", "learn2learn"):
+        raise ConfigError(f"sampler must be device or learn2learn, got {cfg.sampler!r}")
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -2,15 +2,18 @@
 
 The loop owns sampling, the meta-optimizer and its schedule, the non-finite check, clipping,
 metrics and checkpoints; it calls the algorithm only through its contract (``on_iteration``,
-``meta_step``, ``run_task``, ``eval_inner_steps``) and never looks inside it. Validation and
+``meta_step``, ``run_tasks``, ``eval_inner_steps``) and never looks inside it. Validation and
 testing share :func:`evaluate`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
+import platform
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,16 +25,47 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from metarun import checkpoint
+from metarun import checkpoint, config
 from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.build import build
+from metarun.device_sampler import sample_tasks
 from metarun.errors import ConfigError, NonFiniteLossError
 from metarun.objectives import Objective
-from metarun.task_types import TaskResult
+from metarun.task_types import Curve, TaskResult
 from metarun.tasks import FixedTasks, Sampler
-from metarun.tracking import Tracker
+from metarun.tracking import Tracker, final_line
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AxisValues:
+    """Every task's metrics on one axis other than the adaptation step (e.g. the instance number of a class
+    within a sequential episode).
+
+    Attributes:
+        positions: the axis values that occur in any task, increasing.
+        metrics: metric name -> ``[tasks, len(positions)]`` float64, NaN where a task has no value.
+    """
+
+    positions: list[int]
+    metrics: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, curves: list[Curve | None]) -> AxisValues:
+        """From one curve per task (None: the task has none), aligned on the union of their positions."""
+        present = [c for c in curves if c is not None]
+        positions = sorted({int(p) for c in present for p in c.positions.tolist()})
+        column = {p: i for i, p in enumerate(positions)}
+        names = list(dict.fromkeys(name for c in present for name in c.metrics))
+        metrics = {name: torch.full((len(curves), len(positions)), math.nan, dtype=torch.float64) for name in names}
+        for t, curve in enumerate(curves):
+            if curve is None:
+                continue
+            columns = torch.tensor([column[int(p)] for p in curve.positions.tolist()], dtype=torch.long)
+            for name, values in curve.metrics.items():
+                metrics[name][t, columns] = values.detach().to(device="cpu", dtype=torch.float64)
+        return cls(positions=positions, metrics=metrics)
 
 
 @dataclass
@@ -44,21 +78,27 @@ class Evaluation:
         ci_z: z-value of the confidence interval (1.96 for 95%).
         loss_metric: the objective's name for the loss when it is the task's metric (``"mse"``
             for regression), reported under that name too; None for classification.
+        axes: the fully adapted learners' curves on other axes (``TaskResult.curves``), by axis
+            name (``"instance"``); empty for the methods that give none.
     """
 
     loss: torch.Tensor
     accuracy: torch.Tensor | None
     ci_z: float
     loss_metric: str | None = None
+    axes: dict[str, AxisValues] = field(default_factory=dict)
 
     @classmethod
     def of(cls, results: list[list[TaskResult]], ci_z: float, loss_metric: str | None) -> Evaluation:
-        """From ``results[task][step]``."""
+        """From ``results[task][step]``; the curves on other axes are those of the last step."""
         loss = torch.stack([torch.stack([r.loss for r in task]) for task in results]).cpu()
         accuracy = None
         if results[0][0].accuracy is not None:
             accuracy = torch.stack([torch.stack([r.accuracy for r in task]) for task in results]).cpu()
-        return cls(loss=loss, accuracy=accuracy, ci_z=ci_z, loss_metric=loss_metric)
+        final = [task[-1].curves or {} for task in results]
+        names = list(dict.fromkeys(axis for curves in final for axis in curves))
+        axes = {axis: AxisValues.of([curves.get(axis) for curves in final]) for axis in names}
+        return cls(loss=loss, accuracy=accuracy, ci_z=ci_z, loss_metric=loss_metric, axes=axes)
 
     def _ci(self, values: torch.Tensor) -> torch.Tensor:
         n = values.shape[0]
@@ -76,6 +116,30 @@ class Evaluation:
             out[f"{self.loss_metric}_mean"] = out["loss_mean"]
             out[f"{self.loss_metric}_ci95"] = out["loss_ci95"]
         return out
+
+    def axis_summaries(self) -> dict[str, dict[str, list]]:
+        """Mean and CI half-width over the tasks that have a value, per position of every other
+        axis: ``{"instance": {"position": [1, 2, ...], "acc_mean": [...], "acc_ci95": [...]}}``.
+        A position no task has is None (JSON null); one task alone has a CI of 0."""
+        out: dict[str, dict[str, list]] = {}
+        for axis, values in self.axes.items():
+            summary: dict[str, list] = {"position": list(values.positions)}
+            for name, table in values.metrics.items():
+                valid = ~torch.isnan(table)
+                n = valid.sum(0).to(torch.float64)  # [P] tasks with a value
+                mean = torch.where(valid, table, 0.0).sum(0) / n
+                squares = torch.where(valid, table - mean, 0.0).pow(2).sum(0)
+                std = torch.where(n > 1, squares / (n - 1).clamp(min=1), 0.0).sqrt()
+                ci = self.ci_z * std / n.sqrt()
+                summary[f"{name}_mean"] = [None if k == 0 else float(m) for m, k in zip(mean, n, strict=True)]
+                summary[f"{name}_ci95"] = [None if k == 0 else float(c) for c, k in zip(ci, n, strict=True)]
+            out[axis] = summary
+        return out
+
+    def curves(self) -> dict[str, Any]:
+        """What results.json holds for a split: :meth:`summary`, and :meth:`axis_summaries` under
+        their axis names."""
+        return {**self.summary(), **self.axis_summaries()}
 
     def final_metrics(self, split: str) -> dict[str, float]:
         """Means after the last adaptation step: ``{"val/loss": ..., "val/acc": ...}`` (``val/mse`` for regression)."""
@@ -112,7 +176,24 @@ def task_results(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool) 
     """``results[task][step]``: adapt to each fixed task with ``eval_inner_steps`` steps and score
     every step on its query set."""
     with torch.no_grad(), batchnorm_mode(algorithm, bn_batch_stats):
-        return [algorithm.run_task(task, algorithm.eval_inner_steps, every_step=True) for task in tasks]
+        return algorithm.run_tasks(tasks, algorithm.eval_inner_steps, every_step=True)
+
+
+def final_values(split: str, curves: dict[str, Any]) -> dict[str, float | None]:
+    """The flat keys of a split's curves (:meth:`Evaluation.curves`): every per-step metric after
+    the last adaptation step (``test/acc_mean``, ``test/acc_ci95``, ...), and every position of
+    every other axis (``test/acc_instance_2_mean``, ``test/acc_instance_2_ci95``, ...)."""
+    out: dict[str, float | None] = {}
+    for key, values in curves.items():
+        if isinstance(values, dict):  # another axis: {"position": [...], "acc_mean": [...], ...}
+            for name, column in values.items():
+                if name != "position":
+                    metric, _, statistic = name.rpartition("_")
+                    for position, value in zip(values["position"], column, strict=True):
+                        out[f"{split}/{metric}_{key}_{position}_{statistic}"] = value
+        else:
+            out[f"{split}/{key}"] = values[-1]
+    return out
 
 
 def evaluate(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float,
@@ -228,7 +309,7 @@ def meta_train(
     try:  # the progress bar must stop even when training stops with an error
         while state.iteration < iterations:
             algorithm.on_iteration(state.iteration, iterations)
-            tasks = [train_sampler.sample() for _ in range(meta_batch_size)]
+            tasks = sample_tasks(train_sampler, meta_batch_size)  # one draw from the device sampler
             algorithm.train()
             try:
                 metrics = algorithm.meta_step(tasks, update)
@@ -276,6 +357,20 @@ def check_writable(output_dir: Path) -> None:
                           f"writable hydra.run.dir or output_dir") from None
 
 
+def hardware(device: torch.device) -> str:
+    """The machine a run ran on, for tables: the GPU's name (on CUDA), the CPU model and its cores,
+    the OS, and the torch build."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    parts = [torch.cuda.get_device_name(device)] if device.type == "cuda" else []
+    parts += [f"{cpu} ({os.cpu_count()} cores)", platform.platform(terse=True), f"torch {torch.__version__}"]
+    return "; ".join(parts)
+
+
 def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None) -> float:
     """Build the parts, meta-train, test the best-on-validation model (or the ensemble of the
     ``eval.top_k`` best), write the results.
@@ -285,14 +380,23 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         (accuracy: higher is better; MSE for regression: lower is better): the objective that
         Hydra's sweepers maximise or minimise.
     """
+    run_started = time.perf_counter()
     output_dir = Path(output_dir)
     check_writable(output_dir)
+    auto = cfg.resume == config.RESUME_AUTO
+    if auto and (output_dir / "results.json").is_file():
+        # A requeued (or re-launched) job that had already finished: its objective, not an error.
+        finished = json.loads((output_dir / "results.json").read_text())
+        log.info("resume=auto: %s already holds a finished run; nothing to do", output_dir)
+        return next(value for key, value in finished.items() if key.startswith("best_val_"))
     if (output_dir / "results.json").exists():
         raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")
     run_config = OmegaConf.to_container(cfg, resolve=False)
     resume = None
-    if cfg.resume:
-        resume_from = checkpoint.resolve(cfg.resume)
+    # resume=auto: this job's own last.pt (a requeued or relaunched job), else a new run.
+    resume_target = (output_dir if (output_dir / "checkpoints" / "last.pt").is_file() else None) if auto else cfg.resume
+    if resume_target:
+        resume_from = checkpoint.resolve(resume_target)
         resume = (resume_from, checkpoint.read_run(resume_from, run_config))
         # The resumed run continues its W&B run rather than starting another.
         wandb_defaults = {**(wandb_defaults or {}), "id": resume[1].get("wandb_id")}
@@ -321,7 +425,7 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         checkpoint.load_model(ckpt_dir / "best.pt", parts.algorithm)
         curves = {
             split: evaluate(parts.algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z,
-                            objective.loss_metric).summary()
+                            objective.loss_metric).curves()
             for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
         }
     parts.tracker.log_adaptation(curves)
@@ -333,12 +437,17 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         "eval_tasks": len(parts.test_tasks),
         "eval_inner_steps": parts.algorithm.eval_inner_steps,
         "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - run_started,  # this process: since a resume only
         "device": str(parts.device),
+        "hardware": hardware(parts.device),
         "output_dir": str(output_dir),
         "curves": curves,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    for key, values in test.items():  # test/acc_mean, test/acc_ci95, test/loss_mean, ... (test/mse_* for regression)
-        results[f"test/{key}"] = values[-1]
+    # test/acc_mean, test/acc_ci95, test/loss_mean, ... (test/mse_* for regression), test/acc_instance_2_mean, ...
+    results.update(final_values("test", test))
     parts.tracker.finish(results)
+    if not cfg.console:
+        # Quiet runs (no progress bar, no table) still end with the test result and where it is.
+        print(final_line(results), flush=True)
     return state.best_val

@@ -21,6 +21,7 @@ never augmented).
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +35,18 @@ from metarun.task_types import Task, TaskSplit
 
 if TYPE_CHECKING:
     from metarun.data.base import ImageClasses
+
+log = logging.getLogger(__name__)
+
+
+def image_tensor(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Stored images as a model reads them: uint8 ``[N, C, H, W]`` -> float32 in [0, 1] on ``device``.
+
+    :class:`TaskSampler`'s classes (every validation and test task) and the images of an episodes
+    file (``metarun-eval --episodes``) go through here, so an episode's image is exactly the input a
+    sampled task's would be.
+    """
+    return images.to(device=device, dtype=torch.float32).div_(255.0)
 
 
 class Sampler(Protocol):
@@ -91,11 +104,11 @@ class OneGroup(l2l.data.transforms.TaskTransform):
     Args:
         dataset: the learn2learn MetaDataset.
         class_groups: the group of every class (label).
-        ways: classes a task needs; groups with fewer are never drawn.
-        split_name: for the error message.
+        ways: classes a task needs; groups with fewer are never drawn (logged once, with how many).
+        split_name: for the messages; the ``train`` split's tasks have ``train_ways`` classes.
 
     Raises:
-        DatasetError: no group has ``ways`` classes.
+        DatasetError: no group has ``ways`` classes; it names ``train_ways`` for the train split.
     """
 
     def __init__(self, dataset: l2l.data.MetaDataset, class_groups: list[str], ways: int, split_name: str = "train"
@@ -105,12 +118,18 @@ class OneGroup(l2l.data.transforms.TaskTransform):
         for label, group in enumerate(class_groups):
             members.setdefault(group, []).append(label)
         self.groups = [labels for _, labels in sorted(members.items()) if len(labels) >= ways]
+        key = "train_ways" if split_name == "train" else "ways"
         if not self.groups:
             largest = max(len(labels) for labels in members.values())
             raise DatasetError(
-                f"within_group tasks need a group with ways={ways} classes but the largest of the {split_name} "
-                f"split has {largest}; lower ways or set dataset.within_group=false"
+                f"within_group tasks need a group with {key}={ways} classes but the largest of the {split_name} "
+                f"split has {largest}; lower {key}, or leave the {split_name} split out of dataset.within_group "
+                f"(e.g. dataset.within_group=test, or false)"
             )
+        skipped = len(members) - len(self.groups)
+        if skipped:
+            log.info("within_group %s tasks: %d of %d groups have fewer than %s=%d classes and are never drawn",
+                     split_name, skipped, len(members), key, ways)
 
     def __call__(self, task_description: list | None) -> list:
         if task_description is not None:
@@ -152,7 +171,7 @@ class TaskSampler:
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         self.augment = augment
         # uint8 -> float once, on the device: tasks then cost one index_select each.
-        self.images = classes.images.to(device=device, dtype=torch.float32).div_(255.0)
+        self.images = image_tensor(classes.images, device)
         self.labels = classes.labels
         indices = torch.arange(len(self.labels))
         labels_to_indices = {c: [] for c in range(classes.num_classes)}

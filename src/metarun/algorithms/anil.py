@@ -24,14 +24,17 @@ class ANIL(GradientBasedAlgorithm):
         first_order: drop second-order terms of the meta-gradient.
         inner_steps: adaptation steps during meta-training.
         eval_inner_steps: adaptation steps at evaluation.
+        vectorize: ``auto``, ``true`` or ``false``: run the meta-batch all at once
+            (:mod:`metarun.algorithms.vectorized`).
         train_ways: ways of meta-training tasks (``None``: ``ways``).
         objective: the task's loss and metrics (default: classification).
     """
 
     def __init__(self, features: nn.Module, ways: int, inner_lr: float, first_order: bool,
-                 inner_steps: int, eval_inner_steps: int, train_ways: int | None = None,
+                 inner_steps: int, eval_inner_steps: int, vectorize: bool | str, train_ways: int | None = None,
                  objective: Objective | None = None) -> None:
-        super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways, objective)
+        super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways, objective,
+                         vectorize)
         self.features = features
         self.learnable = l2l.algorithms.MAML(nn.Linear(features.out_features, self.head_outputs), lr=inner_lr,
                                              first_order=first_order)

@@ -118,7 +118,15 @@ class Algorithm(nn.Module, ABC):
     Args:
         inner_steps: adaptation steps during meta-training (0 for methods without an inner loop).
         eval_inner_steps: adaptation steps at meta-validation and meta-test time.
+
+    Attributes:
+        label_equivariant: whether relabelling the support classes by a permutation permutes the
+            query's class scores exactly (a learner built from the support set alone). False for a
+            method with per-class slow weights (MetaNet's slow output layer); the contract tests
+            then only check that the scores depend on the support labels.
     """
+
+    label_equivariant: bool = True
 
     def __init__(self, inner_steps: int, eval_inner_steps: int) -> None:
         super().__init__()
@@ -170,6 +178,12 @@ class Algorithm(nn.Module, ABC):
             raise RuntimeError(f"{type(self).__name__}.trajectory yielded {drawn} learners for {steps} steps, "
                                f"not {steps + 1}")
         return results
+
+    def run_tasks(self, tasks: Iterable[Task], steps: int, every_step: bool) -> list[list[TaskResult]]:
+        """:meth:`run_task` for every task (evaluation: nothing is folded back), ``results[task][step]``.
+        Default: one task at a time; an algorithm that can run many at once overrides it (the
+        gradient-based family's vectorised path)."""
+        return [self.run_task(task, steps, every_step) for task in tasks]
 
     def train_task(self, task: Task) -> tuple[torch.Tensor, TaskResult]:
         """One training task: the loss to minimise (``train/loss``), and the fully adapted

@@ -7,15 +7,16 @@ which never touch the meta-parameters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.base import Algorithm
+from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective, TaskResult
+from metarun.task_types import Task
 from metarun.tasks import TaskSplit
 
 
@@ -41,6 +42,9 @@ class GradientBasedAlgorithm(Algorithm):
         eval_inner_steps: adaptation steps at evaluation.
         train_ways: ways of meta-training tasks (``None``: ``ways``); at least ``ways``.
         objective: the task's loss and metrics (classification unless the dataset says otherwise).
+        vectorize: run a meta-batch (and evaluation tasks) all at once (``"true"``), task by task
+            (``"false"``), or vectorised where that is exact and measured faster (``"auto"``); see
+            :mod:`metarun.algorithms.vectorized`. The meta-gradient is the same either way.
 
     Attributes:
         head_outputs: outputs the subclass's head must have: one per class of the largest task
@@ -51,8 +55,11 @@ class GradientBasedAlgorithm(Algorithm):
     learnable: nn.Module
 
     def __init__(self, ways: int, inner_lr: float, first_order: bool, inner_steps: int, eval_inner_steps: int,
-                 train_ways: int | None, objective: Objective | None) -> None:
+                 train_ways: int | None, objective: Objective | None, vectorize: bool | str = "false") -> None:
+        from metarun.algorithms.vectorized import vectorize_option
+
         super().__init__(inner_steps, eval_inner_steps)
+        self.vectorize = vectorize_option(vectorize)
         if inner_lr < 0:
             raise ConfigError(f"algorithm.inner_lr must be >= 0, got {inner_lr}")
         if train_ways is not None and train_ways < ways:
@@ -105,3 +112,18 @@ class GradientBasedAlgorithm(Algorithm):
 
     def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return self.objective.result(learner(query.x), query)
+
+    def meta_step(self, tasks: Sequence[Task], update: MetaUpdate) -> dict[str, float]:
+        """The whole meta-batch at once where ``vectorize`` says so (:mod:`metarun.algorithms.vectorized`:
+        the same meta-gradient, running statistics and metrics), else task by task."""
+        from metarun.algorithms import vectorized
+
+        if vectorized.choose(self, tasks, "meta-training"):
+            return vectorized.meta_step(self, tasks, update)
+        return super().meta_step(tasks, update)
+
+    def run_tasks(self, tasks: Iterable[Task], steps: int, every_step: bool) -> list[list[TaskResult]]:
+        """Evaluation tasks in vectorised chunks where ``vectorize`` says so, else task by task."""
+        from metarun.algorithms import vectorized
+
+        return vectorized.run_tasks(self, tasks, steps, every_step)

@@ -72,6 +72,8 @@ class MAML(GradientBasedAlgorithm):
         msl_anneal_iterations: iterations over which MSL's weights anneal to the last step; from
             then on the loss is the last step's (the authors: 10 epochs of 500 iterations).
         first_order_iterations: DA: first-order meta-updates before switching to second order.
+        vectorize: ``auto``, ``true`` or ``false``: run the meta-batch all at once
+            (:mod:`metarun.algorithms.vectorized`; every MAML++ switch included).
         train_ways: ways of meta-training tasks (``None``: ``ways``).
         objective: the task's loss and metrics (default: classification).
     """
@@ -79,9 +81,10 @@ class MAML(GradientBasedAlgorithm):
     def __init__(self, features: nn.Module, ways: int, inner_lr: float, first_order: bool, inner_steps: int,
                  eval_inner_steps: int, per_step_bn_statistics: bool, per_step_bn_weights: bool,
                  per_step_inner_lrs: bool, multi_step_loss: bool, msl_anneal_iterations: int,
-                 first_order_iterations: int, train_ways: int | None = None,
+                 first_order_iterations: int, vectorize: bool | str, train_ways: int | None = None,
                  objective: Objective | None = None) -> None:
-        super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways, objective)
+        super().__init__(ways, inner_lr, first_order, inner_steps, eval_inner_steps, train_ways, objective,
+                         vectorize)
         self.learnable = l2l.algorithms.MAML(classifier(features, self.head_outputs), lr=inner_lr,
                                              first_order=first_order)
         if msl_anneal_iterations < 0 or first_order_iterations < 0:

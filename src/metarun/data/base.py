@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,43 @@ log = logging.getLogger(__name__)
 
 # Bump when the layout of cached ImageClasses files changes.
 CACHE_FORMAT = 1
+
+SPLIT_NAMES = ("train", "val", "test")
+
+# Names that stand for several splits in a per-split option (``dataset.rotations``, ``dataset.within_group``).
+SPLIT_ALIASES = {"all": frozenset(SPLIT_NAMES), "none": frozenset(), "eval": frozenset({"val", "test"})}
+
+
+def split_set(value: Any, option: str) -> frozenset[str]:
+    """The class splits a per-split dataset option applies to.
+
+    ``true`` or ``"all"``: every split; ``false``, ``"none"`` or null: none; ``"train"``, ``"val"``
+    or ``"test"``: that split; ``"eval"``: val and test; a list of these: their union. So
+    ``rotations: train`` adds rotated classes to the training split only, and
+    ``within_group: test`` draws only the test tasks from one group.
+
+    Raises:
+        DatasetError: any other value, naming ``option``.
+    """
+    if value is None or isinstance(value, bool):
+        return frozenset(SPLIT_NAMES) if value else frozenset()
+    names = [value] if isinstance(value, str) else value
+    try:
+        names = list(names)
+    except TypeError:
+        names = [value]
+    chosen: set[str] = set()
+    for name in names:
+        if isinstance(name, str) and name in SPLIT_ALIASES:
+            chosen |= SPLIT_ALIASES[name]
+        elif isinstance(name, str) and name in SPLIT_NAMES:
+            chosen.add(name)
+        else:
+            raise DatasetError(
+                f"{option} must be true, false, all, none, eval (val and test), a split ({', '.join(SPLIT_NAMES)}) "
+                f"or a list of splits, got {value!r}"
+            )
+    return frozenset(chosen)
 
 
 @dataclass
@@ -81,17 +119,21 @@ class ClassSplits:
     """Disjoint class splits: meta-train, meta-validation and meta-test classes.
 
     Attributes:
-        within_group: every task draws all its classes from one group (one alphabet): Lake et
-            al.'s and Koch et al.'s (2015) within-alphabet protocol. Otherwise classes are drawn
-            from the whole split.
+        within_group: the splits whose tasks draw all their classes from one group (one
+            alphabet): Lake et al.'s and Koch et al.'s (2015) within-alphabet protocol; the other
+            splits draw classes from the whole split. Given as any value :func:`split_set` takes
+            (``True``: every split, ``"test"``, ``["val", "test"]``, ...) and kept as that set.
         objective: what the tasks ask for; labelled classes are classification.
     """
 
     train: ImageClasses
     val: ImageClasses
     test: ImageClasses
-    within_group: bool = False
+    within_group: bool | str | list[str] | frozenset[str] = False
     objective: Objective = field(default_factory=Classification)
+
+    def __post_init__(self) -> None:
+        self.within_group = split_set(self.within_group, "dataset.within_group")
 
     def items(self) -> list[tuple[str, ImageClasses]]:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
@@ -99,12 +141,15 @@ class ClassSplits:
     def sampler(self, split_name: str, ways: int, shots: int, query_shots: int, device: torch.device | str,
                 augment: Callable[[torch.Tensor], torch.Tensor] | None) -> TaskSampler:
         """N-way K-shot tasks from the classes of ``split_name`` (the ``TaskSource`` interface of
-        ``metarun.tasks``); ``augment`` transforms their images ``[n, C, H, W]``."""
+        ``metarun.tasks``), drawn from one group when ``split_name`` is in :attr:`within_group`;
+        ``augment`` transforms their images ``[n, C, H, W]``."""
         classes = dict(self.items())[split_name]
-        return TaskSampler(classes, ways, shots, query_shots, device, split_name, self.within_group, augment)
+        return TaskSampler(classes, ways, shots, query_shots, device, split_name, split_name in self.within_group,
+                           augment)
 
 
-def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int, rotations: bool = False) -> ClassSplits:
+def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int,
+                  rotations: bool | str | list[str] = False) -> ClassSplits:
     """Shuffle the classes with ``random.Random(seed)`` and cut them into train/val/test.
 
     This is MAML's Omniglot protocol (Finn et al. 2017: a seeded shuffle of the 1623 characters,
@@ -117,8 +162,10 @@ def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int,
         seed: seed of the shuffle.
         rotations: then give every split the rotated copies of its own classes as new classes
             (:func:`with_rotations`; MAML's protocol), so no rotation of a training class is
-            seen at validation or test time.
+            seen at validation or test time. Per split: any value :func:`split_set` takes
+            (``"train"``: rotated training classes, unrotated validation and test classes).
     """
+    rotated = split_set(rotations, "dataset.rotations")
     n_train, n_val, n_test = sizes
     needed = n_train + n_val + max(n_test, 1)
     if min(n_train, n_val) < 1 or n_test == 0 or needed > classes.num_classes:
@@ -132,7 +179,7 @@ def split_by_seed(classes: ImageClasses, sizes: tuple[int, int, int], seed: int,
     random.Random(seed).shuffle(order)
     cuts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val : n_train + n_val + n_test])
     parts = [classes.subset(sorted(c)) for c in cuts]
-    return ClassSplits(*(with_rotations(p) if rotations else p for p in parts))
+    return ClassSplits(*(with_rotations(p) if name in rotated else p for name, p in zip(SPLIT_NAMES, parts, strict=True)))
 
 
 def with_rotations(classes: ImageClasses, angles: tuple[int, ...] = (0, 90, 180, 270)) -> ImageClasses:

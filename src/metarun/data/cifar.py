@@ -35,6 +35,9 @@ from metarun.data.base import ClassSplits, ImageClasses, split_by_names
 from metarun.data.files import KnownFile, fetch_missing, read_checksums, verify, with_checksums
 from metarun.errors import DatasetError
 
+# How an image file becomes one of this dataset's images (metarun-eval --episodes reads them with it).
+load_image = decode.load_image
+
 logger = logging.getLogger(__name__)
 
 # The 20 CIFAR-100 superclasses and their 5 classes each (Krizhevsky 2009, the CIFAR page). Both

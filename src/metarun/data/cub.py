@@ -33,6 +33,9 @@ from metarun.data.files import KnownFile, verify
 from metarun.data.files import download as download_file
 from metarun.errors import DatasetError
 
+# How an image file becomes one of this dataset's images (metarun-eval --episodes reads them with it).
+load_image = decode.load_image
+
 logger = logging.getLogger(__name__)
 
 # Size and SHA-256 as TFDS publishes them (tensorflow_datasets/url_checksums/caltech_birds2011.txt,

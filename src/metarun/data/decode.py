@@ -64,6 +64,29 @@ def decode_image(data: bytes, image_size: int, source: str, box: tuple[int, int,
     return array.transpose(2, 0, 1)
 
 
+def load_image(path: str | Path, image_size: int) -> np.ndarray:
+    """One image file as the colour datasets hold their images: uint8 ``[3, S, S]`` RGB through
+    :func:`decode_image` (the loaders of image folders read every file with it). ``metarun-eval
+    --episodes`` reads episode images with it; each colour dataset module exposes it as ``load_image``.
+
+    Raises:
+        DatasetError: the file cannot be read or decoded; the message names it.
+    """
+    return decode_image(read_bytes(path), image_size, str(path))
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes, or one line naming it (a missing image of an episodes file, ...).
+
+    Raises:
+        DatasetError: the file cannot be read.
+    """
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read {path}: {err.strerror or one_line(err)}") from None
+
+
 def resize_array(image: np.ndarray, image_size: int) -> np.ndarray:
     """A uint8 ``[H, W, 3]`` array as uint8 ``[3, S, S]`` (resized only when the size differs)."""
     if image.shape[:2] != (image_size, image_size):
@@ -173,5 +196,5 @@ def read_class_folders(folder: Path, image_size: int, class_names: Iterable[str]
         if not class_dir.is_dir():
             raise DatasetError(f"class folder {class_dir} not found; dataset.root must hold the dataset's image folders")
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-        per_class[name] = [decode_image(p.read_bytes(), image_size, str(p)) for p in files]
+        per_class[name] = [load_image(p, image_size) for p in files]
     return assemble(per_class)

@@ -51,6 +51,7 @@ from metarun.data.base import (
     split_by_seed,
 )
 from metarun.data.base import cache_dir as base_cache_dir
+from metarun.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ def load_glyphs(
     seed: int = 0,
     split_sizes: tuple[int, int, int] | list[int] = (800, 100, -1),
     split_seed: int = 1,
-    rotations: bool = False,
-    within_group: bool = False,
+    rotations: bool | str | list[str] = False,
+    within_group: bool | str | list[str] = False,
     channels: int = 1,
 ) -> ClassSplits:
     """Glyph classes, cut into train/val/test classes (the ``_target_`` of ``conf/dataset/glyphs.yaml``).
@@ -175,8 +176,10 @@ def load_glyphs(
         split_sizes: number of train, val and test classes; ``-1`` for test means "all the rest".
         split_seed: seed of the class shuffle before the cut (:func:`split_by_seed`).
         rotations: add copies rotated by 90, 180 and 270 degrees to every split as new classes
-            (MAML's Omniglot protocol), which multiplies each split's class count by 4.
-        within_group: draw every task's classes from one alphabet (Koch et al. 2015's protocol).
+            (MAML's Omniglot protocol), which multiplies each split's class count by 4; or only to
+            the splits named (``"train"``, ``["train", "val"]``; :func:`metarun.data.base.split_set`).
+        within_group: draw every task's classes from one alphabet (Koch et al. 2015's protocol), in
+            every split (``True``) or in the splits named (``"test"``).
         channels: must be 1 (glyphs are greyscale); the backbones read it from the config.
 
     Returns:
@@ -201,6 +204,39 @@ def load_glyphs(
     classes = cached_classes(_cache_path(cache_dir, params), lambda: generate_glyphs(**params), "glyph")
     splits = split_by_seed(classes, split_sizes, split_seed, rotations)
     return dataclasses.replace(splits, within_group=within_group)
+
+
+def preprocess(image: Image.Image, image_size: int) -> np.ndarray:
+    """A drawing as the dataset holds it: greyscale, ``image_size`` square, box-filtered.
+
+    The generator draws every rendering at ``_SUPERSAMPLE`` times the size and passes it through
+    here; an image file of the right size passes unchanged (:func:`load_image`).
+
+    Returns:
+        uint8 ``[S, S]``, bright ink (255) on a dark background (0).
+    """
+    image = image.convert("L")
+    factor = image.size[0] // image_size
+    if image.size == (image_size * factor, image_size * factor) and factor >= 1:
+        image = image.reduce(factor)  # exact box filter over factor x factor pixels
+    else:
+        image = image.resize((image_size, image_size), Image.BOX)
+    return np.array(image, dtype=np.uint8)
+
+
+def load_image(path: str | Path, image_size: int) -> np.ndarray:
+    """One glyph image file (bright ink on a dark background, as :func:`generate_glyphs` draws them)
+    as the dataset holds its images: uint8 ``[1, S, S]`` through :func:`preprocess`. A PNG of a
+    generated drawing loads back bit-identical. ``metarun-eval --episodes`` reads episode images with it.
+
+    Raises:
+        DatasetError: the file cannot be read or decoded; the message names it.
+    """
+    try:
+        with Image.open(path) as image:
+            return preprocess(image, image_size)[None]
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"cannot decode {path} ({one_line(err)}); it must be an image file") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,5 +503,5 @@ def _render_samples(
             ]
             for x, y in dots:
                 draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
-        out[i] = np.asarray(image.reduce(_SUPERSAMPLE))
+        out[i] = preprocess(image, image_size)
     return out

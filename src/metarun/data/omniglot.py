@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from metarun.data.base import (
+    SPLIT_NAMES,
     ClassSplits,
     DatasetError,
     ImageClasses,
@@ -49,9 +50,11 @@ from metarun.data.base import (
     split_by_groups,
     split_by_names,
     split_by_seed,
+    split_set,
     with_rotations,
 )
 from metarun.data.base import cache_dir as cache_dir_of
+from metarun.data.decode import read_bytes
 from metarun.data.files import KnownFile, verify
 from metarun.data.files import download as download_file
 from metarun.errors import one_line
@@ -100,14 +103,14 @@ def load_omniglot(
     root: str,
     download: bool = False,
     image_size: int = 28,
-    rotations: bool = True,
+    rotations: bool | str | list[str] = True,
     split: str = "maml",
     split_seed: int = 1,
     split_sizes: tuple[int, int, int] | list[int] = (1100, 100, 423),
     split_dir: str | None = None,
     cache_dir: str | None = None,
     val_alphabets: int = 10,
-    within_group: bool = False,
+    within_group: bool | str | list[str] = False,
     channels: int = 1,
 ) -> ClassSplits:
     """Omniglot (Lake et al. 2015) cut into meta-train, meta-validation and meta-test classes.
@@ -127,6 +130,11 @@ def load_omniglot(
       ``val_alphabets`` of them (Koch: 10) become the validation split, the rest train.
       Rotations, if on, are added per split as for ``maml``.
 
+    ``rotations`` may name the splits that get rotated classes: ``"train"`` (or ``["train"]``)
+    trains on rotated characters and validates and tests on unrotated ones; ``True``/``"all"``
+    and ``False``/``"none"`` are every split and none. With ``vinyals`` lists that name rotations,
+    a split left out keeps only the ``/rot000`` classes of its list.
+
     With ``within_group`` every task's classes come from one alphabet (Koch's 20-way
     within-alphabet one-shot task); this works with every split.
 
@@ -135,15 +143,18 @@ def load_omniglot(
             official zips, directly or in an ``omniglot-py/`` subfolder. ``~`` is expanded.
         download: fetch the missing official zips into ``root`` (checked against their MD5).
         image_size: side ``S`` of the square images after resizing.
-        rotations: ``maml`` split: add rotated copies (0/90/180/270 degrees) as new classes.
-            ``vinyals`` split: the lists decide; ``False`` with lists naming rotations is an error.
+        rotations: ``maml`` split: add rotated copies (0/90/180/270 degrees) as new classes, to
+            every split (``True``), none (``False``), or the splits named (``"train"``, a list;
+            see :func:`metarun.data.base.split_set`). ``vinyals`` split: the lists decide; ``False``
+            with lists naming rotations is an error.
         split: ``"maml"`` or ``"vinyals"``.
         split_seed: seed of the ``maml`` shuffle; independent of the run seed.
         split_sizes: train/val/test class counts of the ``maml`` split, before rotations; ``-1``
             for test means "all the rest".
         split_dir: folder with the ``vinyals`` split lists.
         val_alphabets: background alphabets held out for validation by the ``alphabets`` split.
-        within_group: draw every task's classes from one alphabet.
+        within_group: draw every task's classes from one alphabet: in every split (``True``), or in
+            the splits named (``"test"``, ``["val", "test"]``; :func:`metarun.data.base.split_set`).
         channels: must be 1 (Omniglot is greyscale); the backbones read it from the config.
         cache_dir: where the decoded images are cached; ``None`` means ``$METARUN_CACHE`` or
             ``~/.cache/metarun``.
@@ -160,13 +171,14 @@ def load_omniglot(
     # Check the cheap things (split arguments, split files) before decoding 32460 images.
     if channels != 1:
         raise DatasetError(f"Omniglot images have 1 channel, got dataset.channels={channels}; set dataset.channels=1")
+    rotated_splits = split_set(rotations, "dataset.rotations")
     if split in ("maml", "alphabets"):
         sizes = check_split_sizes(split_sizes) if split == "maml" else None
         names, rotated = None, False
     elif split == "vinyals":
         names = _read_split_lists(split_dir)
         rotated = _names_are_rotated(names)
-        if rotated and not rotations:
+        if rotated and not rotated_splits:
             raise DatasetError(
                 f"the split lists in {Path(split_dir).expanduser().resolve()} name rotated classes "
                 "(.../rotNNN) but dataset.rotations=false; set dataset.rotations=true or use split "
@@ -181,15 +193,18 @@ def load_omniglot(
     classes = load_omniglot_classes(root, download=download, image_size=image_size, cache_dir=cache_dir)
 
     if split == "alphabets":
-        splits = _split_by_alphabets(classes, val_alphabets, split_seed, rotations)
-        description = f"alphabets split (seed {split_seed}{', with rotations' if rotations else ''})"
+        splits = _split_by_alphabets(classes, val_alphabets, split_seed, rotated_splits)
+        description = f"alphabets split (seed {split_seed}{_rotation_note(rotated_splits)})"
     elif names is None:
-        splits = split_by_seed(classes, sizes, split_seed, rotations)
-        description = f"maml split (seed {split_seed}{', with rotations' if rotations else ''})"
+        splits = split_by_seed(classes, sizes, split_seed, rotated_splits)
+        description = f"maml split (seed {split_seed}{_rotation_note(rotated_splits)})"
     else:
         if rotated:
             classes = with_rotations(classes)
-        elif rotations:
+            # A split left out of dataset.rotations keeps the unrotated characters of its list.
+            names = {part: listed if part in rotated_splits else [n for n in listed if n.endswith("/rot000")]
+                     for part, listed in names.items()}
+        elif rotated_splits:
             # The files list unrotated classes, and they decide: no rotated classes are added.
             logger.info("the vinyals split lists name no rotations, so no rotated classes are added")
         splits = split_by_names(classes, names)
@@ -205,7 +220,17 @@ def load_omniglot(
     return dataclasses.replace(splits, within_group=within_group)
 
 
-def _split_by_alphabets(classes: ImageClasses, val_alphabets: int, seed: int, rotations: bool) -> ClassSplits:
+def _rotation_note(rotated_splits: frozenset[str]) -> str:
+    """How a split description mentions the rotations: ``", with rotations"``, ``", with rotations in train"``."""
+    if not rotated_splits:
+        return ""
+    if rotated_splits == set(SPLIT_NAMES):
+        return ", with rotations"
+    return f", with rotations in {'/'.join(s for s in SPLIT_NAMES if s in rotated_splits)}"
+
+
+def _split_by_alphabets(classes: ImageClasses, val_alphabets: int, seed: int, rotations: frozenset[str]
+                        ) -> ClassSplits:
     """Koch et al.'s (2015) split: background alphabets -> train/val (seeded), evaluation alphabets -> test."""
     background = sorted(set(classes.groups) - set(EVALUATION_ALPHABETS))
     if not 1 <= val_alphabets < len(background):
@@ -220,9 +245,7 @@ def _split_by_alphabets(classes: ImageClasses, val_alphabets: int, seed: int, ro
     random.Random(seed).shuffle(background)
     groups = {"train": background[val_alphabets:], "val": background[:val_alphabets], "test": evaluation}
     splits = split_by_groups(classes, groups)
-    if rotations:
-        splits = ClassSplits(*(with_rotations(part) for _, part in splits.items()))
-    return splits
+    return ClassSplits(*(with_rotations(part) if name in rotations else part for name, part in splits.items()))
 
 
 def load_omniglot_classes(
@@ -336,7 +359,18 @@ def _locate_parts(root: Path, download: bool) -> tuple[Path, list[_Part]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode_png(data: bytes, image_size: int, source: str) -> np.ndarray:
+def load_image(path: str | Path, image_size: int) -> np.ndarray:
+    """One Omniglot-style image file (black ink on white paper) as the dataset holds its images:
+    uint8 ``[1, S, S]``, bright ink on a dark background, through :func:`decode_png` like every
+    drawing of the dataset. ``metarun-eval --episodes`` reads episode images with it.
+
+    Raises:
+        DatasetError: the file cannot be read or decoded; the message names it.
+    """
+    return decode_png(read_bytes(path), image_size, str(path))[None]
+
+
+def decode_png(data: bytes, image_size: int, source: str) -> np.ndarray:
     """One Omniglot PNG as a uint8 ``[S, S]`` array with bright ink on a dark background.
 
     BOX resampling averages the source pixels under each target pixel: it is antialiased like
@@ -414,7 +448,7 @@ def _decode_all(parts: Sequence[_Part], image_size: int) -> ImageClasses:
                     f"{alphabet}/{character} appears in both {part_of[key]} and {part.name}; the two "
                     "parts of Omniglot must hold different alphabets"
                 )
-            drawings[key].append((file_name, _decode_png(data, image_size, source)))
+            drawings[key].append((file_name, decode_png(data, image_size, source)))
 
     if not drawings:
         raise DatasetError(

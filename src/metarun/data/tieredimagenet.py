@@ -30,6 +30,9 @@ from metarun.data.base import ClassSplits, ImageClasses
 from metarun.data.files import KnownFile, fetch_missing, read_checksums, with_checksums
 from metarun.errors import DatasetError
 
+# How an image file becomes one of this dataset's images (metarun-eval --episodes reads them with it).
+load_image = decode.load_image
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
