@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,3 +338,17 @@ def test_evaluation_runs_in_vectorised_chunks(monkeypatch):
     with torch.no_grad(), batchnorm_mode(algorithm, True):
         results = algorithm.run_tasks(iter(tasks(7)), 1, every_step=True)
     assert calls == [3, 3, 1] and len(results) == 7 and all(len(r) == 2 for r in results)
+
+
+@pytest.mark.gpu
+def test_the_benchmark_prints_both_paths_on_cuda():
+    """scripts/bench_maml.py on the GPU, in one process: the learn2learn loop and the vectorised path
+    with their meta-it/s and the ratio (scripts/gpu_checks.sh runs the full measurement)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_maml.py"), "--device", "cuda", "--rounds", "1",
+                           "--seconds", "0.5", "--variants", "learn2learn,vectorised"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "vectorised" in done.stdout and "/l2l:" in done.stdout, done.stdout
