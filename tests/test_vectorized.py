@@ -190,6 +190,33 @@ def test_vectorised_family_equals_the_per_task_loop(steps, first_order):
     assert_parity(gate(regression, tasks(shape=(1,), regression=True)))
 
 
+@pytest.mark.parametrize("stride,padding,dilation", [((2, 2), (1, 1), (1, 1)), ((1, 1), (0, 0), (1, 1)),
+                                                     ((2, 1), (1, 2), (2, 1))])
+def test_the_grouped_convolution_is_twice_differentiable(stride, padding, dilation):
+    """GroupedConv2d, the second-order engine's convolution (its own backward, so that the double
+    backward stays grouped): first and second derivatives against finite differences, on an 8x9
+    input where the transposed convolution needs an output padding."""
+    generator = torch.Generator().manual_seed(0)
+    groups = 2
+    x = torch.randn(2, groups * 3, 8, 9, dtype=torch.float64, generator=generator).requires_grad_()
+    w = torch.randn(groups * 2, 3, 3, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    conv = lambda x, w: vectorized.GroupedConv2d.apply(x, w, stride, padding, dilation, groups)  # noqa: E731
+    expected = nn.functional.conv2d(x, w, None, stride, padding, dilation, groups)
+    assert torch.allclose(conv(x, w), expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(conv, (x, w))
+    assert torch.autograd.gradgradcheck(conv, (x, w))
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_second_order_steps_run_the_grouped_convolution(first_order, monkeypatch):
+    calls = []
+    original = vectorized.GroupedConv2d.apply
+    monkeypatch.setattr(vectorized.GroupedConv2d, "apply", lambda *args: calls.append(1) or original(*args))
+    algorithm = maml(1, first_order, "true")
+    meta_step(algorithm, tasks(), vectorized.Engine(algorithm))
+    assert (len(calls) > 0) == (not first_order)
+
+
 def _on_iteration(algorithm, iteration, iterations):
     algorithm.on_iteration(iteration, iterations)
     if algorithm.inner_steps > 1:
