@@ -45,6 +45,7 @@ from metarun.backbones import Conv4
 from metarun.data.glyphs import load_glyphs
 from metarun.device_sampler import DeviceTaskSampler, sample_tasks
 from metarun.loop import hardware
+from metarun.runtime import configure_cpu
 from metarun.tasks import TaskSampler
 
 VARIANTS = ("learn2learn", "per-task", "per-task+dev", "vectorised")
@@ -201,15 +202,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per variant per round (about)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave the default)")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc keeps freed memory, as a metarun run does by default (keep_freed_memory in "
+                             "conf/config.yaml); it applies to every variant, the process is one")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_cpu(args.threads, args.keep_freed_memory)
     device = torch.device(args.device)
     splits = load_glyphs()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"hardware: {hardware(device)}; {torch.get_num_threads()} torch thread(s); "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else "")
-    print(f"python {platform.python_version()}; rounds {args.rounds} x ~{args.seconds:g} s per variant")
+    print(f"python {platform.python_version()}; rounds {args.rounds} x ~{args.seconds:g} s per variant; "
+          f"keep_freed_memory={args.keep_freed_memory}")
     if args.sampling:
         for mb in (4, 16, 32):
             bench_sampling(splits, device, Shape(args.ways, args.shots, args.query_shots, mb), args.rounds, args.seconds)

@@ -22,6 +22,7 @@ from metarun.config import takes_features
 from metarun.device_sampler import training_sampler
 from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
+from metarun.runtime import configure_cpu
 from metarun.tasks import FixedTasks, Sampler, TaskSource
 from metarun.tracking import ConsoleTracker, FileTracker, Tracker, Trackers
 
@@ -149,10 +150,7 @@ def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | No
     """Validate ``cfg`` and build every part of the run, trackers last (nothing is logged for a
     run that cannot start)."""
     config.validate(cfg)
-    if cfg.threads:
-        # Few-shot batches are small: on a busy CPU, torch's spinning worker threads can cost more
-        # than they bring (see docs/results.md), so the count is a run setting.
-        torch.set_num_threads(cfg.threads)
+    configure_cpu(cfg.threads, cfg.keep_freed_memory)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     train_sampler, val_tasks, test_tasks, objective = build_data(cfg, device)

@@ -163,7 +163,8 @@ def resolve(resume: str | Path) -> Path:
 # Settings a resumed run may change: how long it runs and how often it reports, how it is evaluated,
 # where things are and how the job runs. Everything else must match the checkpoint's run.
 RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval.", "resume", "output_dir", "device",
-                     "threads", "console", "wandb.", "dataset.root", "dataset.download", "dataset.cache_dir")
+                     "threads", "keep_freed_memory", "console", "wandb.", "dataset.root", "dataset.download",
+                     "dataset.cache_dir")
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

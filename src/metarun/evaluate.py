@@ -47,6 +47,7 @@ from metarun.checkpoint import CheckpointError
 from metarun.cli import CONFIG_DIR, GROUPS, fail, user_error, user_errors
 from metarun.errors import ConfigError, DatasetError, one_line
 from metarun.objectives import Classification, Objective
+from metarun.runtime import configure_cpu
 from metarun.task_types import Task, TaskSplit
 from metarun.tasks import FixedTasks, image_tensor
 from metarun.tracking import final_line
@@ -59,7 +60,8 @@ SPLITS = ("test", "val")
 # stays the run's unless an override names it, even where the saved config reads ``${ways}``.
 TRAINING_SHAPE = ("train_ways", "train_shots", "train_query_shots")
 # Overrides that say where things are and how the job runs: left out of the default --name.
-UNNAMED_KEYS = ("device", "threads", "console", "wandb.", "dataset.root", "dataset.download", "dataset.cache_dir")
+UNNAMED_KEYS = ("device", "threads", "keep_freed_memory", "console", "wandb.", "dataset.root", "dataset.download",
+                "dataset.cache_dir")
 
 
 @dataclass
@@ -560,8 +562,7 @@ def evaluate_run(request: Request) -> dict[str, Any]:
                           f"another --name, or delete it")
 
     trained_ways = int(cfg.train_ways)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_cpu(cfg.threads, cfg.keep_freed_memory)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 

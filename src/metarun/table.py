@@ -50,8 +50,8 @@ from typing import Any
 import yaml
 
 # Overrides that say where things are or how a job runs, not what it computes: they do not split rows.
-RUNTIME_KEYS = ("seed", "experiment", "iterations", "resume", "device", "threads", "console", "output_dir",
-                "wandb.", "dataset.root", "dataset.download", "dataset.cache_dir", "hydra.", "hydra/")
+RUNTIME_KEYS = ("seed", "experiment", "iterations", "resume", "device", "threads", "keep_freed_memory",
+                "console", "output_dir", "wandb.", "dataset.root", "dataset.download", "dataset.cache_dir", "hydra.", "hydra/")
 
 VERDICT_DEFINITION = (
     "within: the reproduced mean lies in published mean ± published CI; above/below: outside it. Where the "
