@@ -37,7 +37,7 @@ JOB = [
     "eval.top_k=2", "scheduler=cosine", "wandb.mode=disabled", "console=false", "device=cpu", "threads=1",
 ]
 # results.json keys that legitimately differ between runs (timing and where the run lives).
-VOLATILE = {"train_seconds", "output_dir", "config"}
+VOLATILE = {"train_seconds", "wall_seconds", "output_dir", "config"}
 
 
 def start(out: Path, resume: bool) -> subprocess.Popen:
