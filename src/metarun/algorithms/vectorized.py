@@ -141,9 +141,10 @@ def faster_vectorized(algorithm: nn.Module, batch_shape: BatchShape) -> tuple[bo
 
     On CUDA it always is (the per-task path issues ~700 small kernels per task; not measured in
     this repository yet). On a CPU it is faster while a task's batch is small, where per-op
-    overhead dominates: scripts/bench_maml.py (docs/results.md, "Speed") measured it 1.3 to 2.4x
-    faster with one query per class and slower with 15 per class. The rule: the images per task
-    (support + query) must be at most ``CPU_MAX_IMAGES_PER_TASK`` for the backbone's input size.
+    overhead dominates: scripts/bench_maml.py (docs/results.md, "Speed") measured it 1.2 to 1.8x
+    the per-task loop with one query per class and mostly slower with 15 per class. The rule: the
+    input values of a task (support + query images times their size) must be at most
+    ``CPU_MAX_PIXELS_PER_TASK``.
     """
     if batch_shape.device.type != "cpu":
         return True, f"on {batch_shape.device.type}"
