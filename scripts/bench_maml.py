@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from metarun._learn2learn import l2l
@@ -42,6 +43,7 @@ from metarun.algorithms import vectorized
 from metarun.algorithms.base import MetaUpdate
 from metarun.algorithms.maml import MAML
 from metarun.backbones import Conv4
+from metarun.cli import CONFIG_DIR
 from metarun.data.glyphs import load_glyphs
 from metarun.device_sampler import DeviceTaskSampler, sample_tasks
 from metarun.loop import hardware
@@ -202,8 +204,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per variant per round (about)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave the default)")
-    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="glibc keeps freed memory, as a metarun run does by default (keep_freed_memory in "
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
+                        default=OmegaConf.load(os.path.join(CONFIG_DIR, "config.yaml")).keep_freed_memory,
+                        help="glibc keeps freed memory (default: as a run does, keep_freed_memory in "
                              "conf/config.yaml); it applies to every variant, the process is one")
     args = parser.parse_args()
     configure_cpu(args.threads, args.keep_freed_memory)

@@ -183,3 +183,11 @@ def test_an_algorithm_with_its_own_network_needs_no_fitting_backbone(compose_cfg
     cfg = compose_cfg("dataset=sinusoid", "algorithm=synaptic")
     config.check_references(cfg)
     assert cfg.backbone is None
+
+
+def test_every_job_key_is_left_out_of_hydras_job_directory_names():
+    """config.JOB_KEYS (resume may change them; they name no evaluation or table row) and Hydra's
+    override_dirname.exclude_keys (they name no multirun job directory) are one list in two places."""
+    exclude = OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname.exclude_keys
+    for key in config.JOB_KEYS:
+        assert key in exclude or (key.endswith(".") and any(k.startswith(key) for k in exclude)), key

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metarun.config import JOB_KEYS
 from metarun.errors import one_line
 
 
@@ -162,9 +163,8 @@ def resolve(resume: str | Path) -> Path:
 
 # Settings a resumed run may change: how long it runs and how often it reports, how it is evaluated,
 # where things are and how the job runs. Everything else must match the checkpoint's run.
-RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval.", "resume", "output_dir", "device",
-                     "threads", "keep_freed_memory", "console", "wandb.", "dataset.root", "dataset.download",
-                     "dataset.cache_dir")
+RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval.", "resume", "output_dir",
+                     *JOB_KEYS)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

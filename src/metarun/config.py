@@ -16,6 +16,12 @@ from omegaconf.errors import InterpolationKeyError
 
 from metarun.errors import ConfigError, one_line
 
+# Settings that say where things are and how the job runs, never what it computes (a key, or a
+# prefix ending in "."): a resumed run may change them, and they name neither an evaluation nor a
+# table row. conf/config.yaml's hydra.job.config.override_dirname.exclude_keys lists them too.
+JOB_KEYS = ("device", "threads", "keep_freed_memory", "console", "wandb.", "dataset.root", "dataset.download",
+            "dataset.cache_dir")
+
 
 @dataclass
 class EvalConfig:

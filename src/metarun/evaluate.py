@@ -59,9 +59,6 @@ SPLITS = ("test", "val")
 # The training task shape decides the model (a gradient method's head has train_ways outputs): it
 # stays the run's unless an override names it, even where the saved config reads ``${ways}``.
 TRAINING_SHAPE = ("train_ways", "train_shots", "train_query_shots")
-# Overrides that say where things are and how the job runs: left out of the default --name.
-UNNAMED_KEYS = ("device", "threads", "keep_freed_memory", "console", "wandb.", "dataset.root", "dataset.download",
-                "dataset.cache_dir")
 
 
 @dataclass
@@ -506,7 +503,7 @@ def read_episodes(path: Path, cfg: DictConfig, device: torch.device, min_ways: i
 def default_name(which: str, source: str, overrides: Sequence[str]) -> str:
     """``best-test``, ``top-episodes_mine``, ``best-test-ways=3``: the checkpoint, what was scored,
     and the overrides that change the tasks or the model (not paths or how the job runs)."""
-    shown = sorted(o for o in overrides if not o.lstrip("~+").startswith(UNNAMED_KEYS))
+    shown = sorted(o for o in overrides if not o.lstrip("~+").startswith(config.JOB_KEYS))
     name = "-".join([which, source, *([",".join(shown)] if shown else [])])
     return re.sub(r"[^\w.,=+~\[\]-]", "_", name)[:200]
 

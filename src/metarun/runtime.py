@@ -16,7 +16,7 @@ KEEP_BYTES = 2**31 - 1
 
 def configure_cpu(threads: int, keep_freed_memory: bool) -> None:
     """``threads``: torch's CPU thread count (0 keeps torch's choice). ``keep_freed_memory``: see
-    :func:`keep_freed_memory`."""
+    :func:`keep_freed_memory_for_reuse`."""
     if threads:
         # Few-shot batches are small: on a busy CPU, torch's spinning worker threads can cost more
         # than they bring (see docs/results.md), so the count is a run setting.
@@ -33,10 +33,10 @@ def keep_freed_memory_for_reuse() -> bool:
     fresh ``mmap`` and unmaps it on free, so every large temporary tensor of every meta-iteration is
     page-faulted in again, page by page. The vectorised meta-batch works on tensors of several MiB
     (``[n, tasks*64, 14, 14]`` floats is 8 MiB at 32 tasks): on the 2-core VM of docs/results.md it
-    took 9 000 to 24 000 page faults per meta-iteration, and keeping the memory made the vectorised
-    step 6 to 8 % faster at meta-batch 32 (docs/results.md; 15 queries per class: 44 %). ``M_MMAP_MAX = 0`` sends every allocation
-    to the heap, and a large ``M_TRIM_THRESHOLD`` keeps freed heap memory mapped. The cost: the
-    process holds on to its peak memory until it exits.
+    took up to 26 000 page faults per meta-iteration, and keeping the memory made the vectorised
+    step 6 to 8 % faster at meta-batch 32 (docs/results.md; 15 queries per class: 44 %).
+    ``M_MMAP_MAX = 0`` sends every allocation to the heap, and a large ``M_TRIM_THRESHOLD`` keeps
+    freed heap memory mapped. The cost: the process holds on to its peak memory until it exits.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -49,9 +49,10 @@ from typing import Any
 
 import yaml
 
+from metarun.config import JOB_KEYS
+
 # Overrides that say where things are or how a job runs, not what it computes: they do not split rows.
-RUNTIME_KEYS = ("seed", "experiment", "iterations", "resume", "device", "threads", "keep_freed_memory",
-                "console", "output_dir", "wandb.", "dataset.root", "dataset.download", "dataset.cache_dir", "hydra.", "hydra/")
+RUNTIME_KEYS = ("seed", "experiment", "iterations", "resume", "output_dir", *JOB_KEYS, "hydra.", "hydra/")
 
 VERDICT_DEFINITION = (
     "within: the reproduced mean lies in published mean ± published CI; above/below: outside it. Where the "
@@ -100,8 +101,7 @@ def preset_iterations(name: str) -> int | None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import metarun.config  # noqa: F401  (registers the run schema)
-
+    # The run schema is registered: importing metarun.config (for JOB_KEYS, above) did it.
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
