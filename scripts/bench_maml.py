@@ -45,10 +45,10 @@ from metarun.algorithms.maml import MAML
 from metarun.backbones import Conv4
 from metarun.cli import CONFIG_DIR
 from metarun.data.glyphs import load_glyphs
-from metarun.device_sampler import DeviceTaskSampler, sample_tasks
 from metarun.loop import hardware
 from metarun.runtime import configure_cpu
-from metarun.tasks import TaskSampler
+from metarun.tasks.device import DeviceTaskSampler, sample_tasks
+from metarun.tasks.sampling import TaskSampler
 
 VARIANTS = ("learn2learn", "per-task", "per-task+dev", "vectorised")
 

@@ -30,7 +30,7 @@ from metarun import checkpoint
 from metarun.algorithms.base import Algorithm
 from metarun.build import build_algorithm, build_data
 from metarun.loop import evaluate
-from metarun.tasks import FixedTasks
+from metarun.tasks.sampling import FixedTasks
 
 REPORTED_STEPS = (1, 5, 10)  # the paper's appendix table
 

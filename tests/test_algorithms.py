@@ -12,7 +12,7 @@ from conftest import CONF
 from metarun.algorithms.base import MetaUpdate
 from metarun.build import build_algorithm
 from metarun.loop import batchnorm_mode
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 
 ALGORITHMS = sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml"))
 BACKBONES = ["conv4", "mlp"]
@@ -108,7 +108,7 @@ def test_training_tasks_fold_running_statistics_back_as_in_place_updates_would(a
     algorithm.train_task(task)
     # The same forward passes, on the shared buffers themselves (no private copies).
     *_, learner = reference.trajectory(task.support, reference.inner_steps)
-    reference.evaluate(learner, task.query)
+    reference.score(learner, task.query)
     changed = [k for k, v in algorithm.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "training left the running statistics where they were"
     for key, value in reference.state_dict().items():

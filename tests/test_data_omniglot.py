@@ -636,7 +636,7 @@ def test_alphabets_split_errors(fake_folders: Path, cache: str, monkeypatch: pyt
 
 @pytest.mark.data
 def test_real_omniglot_alphabets_split_and_within_alphabet_tasks(real_omniglot: tuple[Path, str]) -> None:
-    from metarun.tasks import TaskSampler
+    from metarun.tasks.sampling import TaskSampler
 
     root, cache_dir = real_omniglot
     splits = load_omniglot(str(root), split="alphabets", rotations=False, within_group=True, cache_dir=cache_dir)

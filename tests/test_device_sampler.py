@@ -1,4 +1,4 @@
-"""The device sampler (metarun.device_sampler) draws learn2learn's task distribution, without host syncs.
+"""The device sampler (metarun.tasks.device) draws learn2learn's task distribution, without host syncs.
 
 Both samplers draw many tasks from a toy split whose classes have different sizes and whose image
 ``i`` is filled with the value ``i`` (so a task's pixels tell which images it drew). For each:
@@ -17,10 +17,10 @@ import torch
 from scipy.stats import chi2, chi2_contingency
 
 from metarun.data.base import ImageClasses
-from metarun.device_sampler import DeviceTaskSampler, sample_tasks, training_sampler
 from metarun.errors import ConfigError
-from metarun.task_batch import TaskBatch
-from metarun.tasks import TaskSampler
+from metarun.tasks.device import DeviceTaskSampler, sample_tasks, training_sampler
+from metarun.tasks.sampling import TaskSampler
+from metarun.tasks.types import TaskBatch
 from test_vectorized import HostSyncs
 
 COUNTS = [4, 5, 6, 7, 8, 4, 5, 6, 7, 8]  # samples per class: uneven, so padding must never be drawn

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from metarun.algorithms.maml import MAML
-from metarun.tasks import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 
 ALPHA = 0.7
 

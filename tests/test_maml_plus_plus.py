@@ -19,7 +19,7 @@ from metarun.algorithms.maml import MAML
 from metarun.algorithms.maml_plus_plus import PerStepBatchNorm, multi_step_loss_weights
 from metarun.backbones import MLP, Conv4
 from metarun.loop import run
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 from test_maml_exact import ALPHA, Identity3, grad, hessian_vector
 from test_metric import trained_and_untrained
 

@@ -26,7 +26,8 @@ from metarun.algorithms.mann import (
     write_memory,
 )
 from metarun.loop import Evaluation, final_values, run
-from metarun.task_types import Curve, Task, TaskResult, TaskSplit
+from metarun.objectives import Curve, TaskResult
+from metarun.tasks.types import Task, TaskSplit
 from test_metric import LEARNING_RUN, Flat, trained_and_untrained
 from test_tracking import FakeRun
 

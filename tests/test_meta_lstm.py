@@ -23,7 +23,7 @@ from metarun.backbones import MLP, Conv4
 from metarun.errors import ConfigError
 from metarun.loop import batchnorm_mode
 from metarun.objectives import Regression
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 from test_maml_exact import Identity3, grad, softmax
 from test_metric import trained_and_untrained
 

@@ -31,7 +31,7 @@ from metarun.build import build_algorithm
 from metarun.errors import ConfigError
 from metarun.loop import batchnorm_mode
 from metarun.objectives import Regression
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 from test_metric import trained_and_untrained
 
 OPTIONS = {"hidden": 6, "representation_dim": 5, "generator_hidden": 4, "representation_loss": "contrastive",

@@ -16,7 +16,7 @@ from metarun.algorithms.siamese import SiameseNet, balanced_pairs
 from metarun.backbones import MLP, Conv4
 from metarun.errors import ConfigError
 from metarun.objectives import Regression
-from metarun.tasks import TaskSplit
+from metarun.tasks.types import TaskSplit
 
 
 class Flat(torch.nn.Flatten):
@@ -65,7 +65,7 @@ def test_protonet_loss_is_cross_entropy_of_negative_squared_distances():
     log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     expected = -log_softmax[np.arange(4), yq].mean()
     protonet = ProtoNet(Flat(3), ways=2, distance="euclidean", cosine_scale=10.0)
-    result = protonet.evaluate(protonet.adapt(split(xs, ys, 2), 0), split(xq, yq, 2))
+    result = protonet.score(protonet.adapt(split(xs, ys, 2), 0), split(xq, yq, 2))
     assert float(result.loss) == pytest.approx(expected, abs=1e-10)
     assert float(result.accuracy) == pytest.approx(np.mean(logits.argmax(1) == np.array(yq)))
 
@@ -174,7 +174,7 @@ def test_siamese_classifies_a_query_by_its_most_similar_support_image():
         net.distance_weights.bias.zero_()
     support = split(np.array([[0.0, 0.0], [5.0, 5.0], [0.2, 0.1], [4.0, 5.0]]), [1, 0, 1, 0], 2)
     query = split(np.array([[0.1, 0.0], [5.0, 4.5], [4.9, 5.1]]), [1, 0, 0], 2)
-    result = net.evaluate(net.adapt(support, 0), query)
+    result = net.score(net.adapt(support, 0), query)
     assert float(result.accuracy) == 1.0
 
 

@@ -13,7 +13,7 @@ from metarun.algorithms.base import MetaUpdate
 from metarun.algorithms.reptile import Reptile
 from metarun.errors import ConfigError
 from metarun.loop import batchnorm_mode
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 from test_metric import Flat, trained_and_untrained
 
 OPTIONS = {"inner_optimizer": "sgd", "inner_lr": 0.1, "inner_batch_size": None, "inner_steps": 3,

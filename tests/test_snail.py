@@ -17,7 +17,7 @@ from metarun.algorithms.snail import (
 )
 from metarun.errors import ConfigError
 from metarun.objectives import Regression
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 from test_metric import trained_and_untrained
 
 SMALL = [{"attention": [8, 4]}, {"tc": 6}, {"attention": [8, 4]}, {"tc": 6}, {"attention": [8, 4]}]
@@ -213,7 +213,7 @@ def test_predictions_are_mapped_back_to_the_task_labels_whatever_the_permutation
     for _ in range(8):
         learner = net.adapt(task.support, 0)  # training mode with gradients: a random episode each time
         drawn.add(tuple(learner.permutation.tolist()))
-        result = net.evaluate(learner, task.query)
+        result = net.score(learner, task.query)
         assert float(result.accuracy) == 1.0
         assert torch.equal(result.predictions.argmax(1), task.query.y)
     assert len(drawn) > 4, "the label permutation is not re-drawn per training episode"

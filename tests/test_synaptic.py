@@ -13,7 +13,7 @@ from metarun.algorithms.base import MetaUpdate
 from metarun.algorithms.synaptic import TERMS, Layer, RuleNetwork, SynapticRule
 from metarun.errors import ConfigError
 from metarun.objectives import Regression
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 from test_algorithms import random_task
 
 # Seven arbitrary, non-zero coefficients: every term contributes.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 
 
 def class_sorted_task(ways: int = 4, shots: int = 2, query_shots: int = 3) -> Task:

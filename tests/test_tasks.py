@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metarun.data.base import ClassSplits, DatasetError, ImageClasses
-from metarun.tasks import TaskSampler
+from metarun.tasks.sampling import TaskSampler
 
 
 def toy_classes(num_classes: int = 12, per_class: int = 6) -> ImageClasses:
@@ -122,14 +122,14 @@ def test_a_group_too_small_for_training_tasks_blames_train_ways_and_for_evaluati
 
 
 def test_groups_too_small_are_skipped_and_the_log_says_how_many_once(caplog):
-    with caplog.at_level(logging.INFO, logger="metarun.tasks"):
+    with caplog.at_level(logging.INFO, logger="metarun.tasks.sampling"):
         sampler = TaskSampler(grouped_classes(), ways=3, shots=1, query_shots=1, split_name="test", within_group=True)
         for _ in range(5):
             sampler.sample()
     said = [r.getMessage() for r in caplog.records if "never drawn" in r.getMessage()]
     assert said == ["within_group test tasks: 1 of 3 groups have fewer than ways=3 classes and are never drawn"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="metarun.tasks"):
+    with caplog.at_level(logging.INFO, logger="metarun.tasks.sampling"):
         TaskSampler(grouped_classes(), ways=2, shots=1, query_shots=1, within_group=True)
     assert not [r for r in caplog.records if "never drawn" in r.getMessage()]  # every group is large enough
 

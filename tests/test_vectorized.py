@@ -31,8 +31,7 @@ from metarun.backbones import MLP, Conv4
 from metarun.errors import ConfigError
 from metarun.loop import batchnorm_mode
 from metarun.objectives import Regression
-from metarun.task_batch import TaskBatch
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskBatch, TaskSplit
 
 TOLERANCE = 1e-10  # relative, float64
 WAYS = 3

@@ -55,7 +55,7 @@ class RunConfig:
     keep_freed_memory: bool = MISSING  # glibc malloc keeps freed memory (metarun.runtime.keep_freed_memory_for_reuse)
     iterations: int = MISSING  # meta-training iterations (one meta-batch each)
     meta_batch_size: int = MISSING  # tasks per meta-update
-    sampler: str = MISSING  # meta-training tasks: device (a meta-batch in a few tensor ops, metarun.device_sampler)
+    sampler: str = MISSING  # meta-training tasks: device (a meta-batch in a few tensor ops, metarun.tasks.device)
     # | learn2learn (its TaskDataset, task by task; within_group tasks always use it)
     grad_clip: float | None = MISSING  # clip the meta-gradient's global norm; null: no clipping
     ways: int = MISSING  # classes per evaluation task

@@ -48,8 +48,8 @@ from metarun.cli import CONFIG_DIR, GROUPS, fail, user_error, user_errors
 from metarun.errors import ConfigError, DatasetError, one_line
 from metarun.objectives import Classification, Objective
 from metarun.runtime import configure_cpu
-from metarun.task_types import Task, TaskSplit
-from metarun.tasks import FixedTasks, image_tensor
+from metarun.tasks.sampling import FixedTasks, image_tensor
+from metarun.tasks.types import Task, TaskSplit
 from metarun.tracking import final_line
 
 log = logging.getLogger(__name__)

@@ -28,11 +28,10 @@ from torch import nn
 from metarun import checkpoint, config
 from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.build import build
-from metarun.device_sampler import sample_tasks
 from metarun.errors import ConfigError, NonFiniteLossError
-from metarun.objectives import Objective
-from metarun.task_types import Curve, TaskResult
-from metarun.tasks import FixedTasks, Sampler
+from metarun.objectives import Curve, Objective, TaskResult
+from metarun.tasks.device import sample_tasks
+from metarun.tasks.sampling import FixedTasks, Sampler
 from metarun.tracking import Tracker, final_line
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,47 @@ loop and trackers treat it as optional.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from metarun.task_types import TaskResult, TaskSplit
+from metarun.tasks.types import TaskSplit
+
+
+@dataclass
+class Curve:
+    """Metrics of one learner on one task along an axis other than the adaptation step, e.g. the
+    accuracy by the instance number of a class within a sequential episode.
+
+    Attributes:
+        positions: ``[P]`` int64, the axis values (instance 1, 2, ...), increasing.
+        metrics: metric name (``"acc"``) -> ``[P]`` float values at those positions, detached; NaN
+            where a position does not occur in this task.
+    """
+
+    positions: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+@dataclass
+class TaskResult:
+    """Query metrics of one learner on one task.
+
+    Attributes:
+        loss: scalar tensor, differentiable w.r.t. the meta-parameters when gradients are enabled.
+        accuracy: scalar tensor in [0, 1], or None for methods without classes (regression).
+        predictions: the learner's query predictions ``[n, ways]`` (class scores, higher is more
+            likely: probabilities for softmax classifiers) or ``[n, dim]`` (regression), detached;
+            an ensemble of models averages them. None when a method cannot give them.
+        curves: metrics on other axes, by the axis' name (``{"instance": Curve(...)}``); None for
+            the methods whose only axis is the adaptation step. The loop aggregates them over tasks.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor | None
+    predictions: torch.Tensor | None = None
+    curves: dict[str, Curve] | None = None
 
 
 def classification_result(logits: torch.Tensor, labels: torch.Tensor) -> TaskResult:

@@ -5,7 +5,7 @@ An algorithm is an ``nn.Module`` whose parameters are the meta-parameters. For o
 1. adapts to the support set: :meth:`Algorithm.trajectory` yields a *learner* after 0, 1, ...,
    ``steps`` adaptation steps, exactly ``steps + 1`` learners (a method without an inner loop,
    such as a metric-based one, yields the same learner every time), and
-2. is scored on the query set: :meth:`Algorithm.evaluate` returns a :class:`TaskResult` whose
+2. is scored on the query set: :meth:`Algorithm.score` returns a :class:`TaskResult` whose
    loss is differentiable with respect to the meta-parameters.
 
 and for a meta-batch of tasks it
@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from metarun.errors import ConfigError, NonFiniteLossError
-from metarun.task_types import Task, TaskResult, TaskSplit
+from metarun.objectives import TaskResult
+from metarun.tasks.types import Task, TaskSplit
 
 
 @contextlib.contextmanager
@@ -145,7 +146,7 @@ class Algorithm(nn.Module, ABC):
         """
 
     @abstractmethod
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         """Score ``learner`` on ``query`` (``x [ways * query_shots, ...]``, ``y [ways * query_shots]``)."""
 
     def adapt(self, support: TaskSplit, steps: int) -> nn.Module:
@@ -173,7 +174,7 @@ class Algorithm(nn.Module, ABC):
         with private_buffers(self, keep=update_statistics):
             for drawn, learner in enumerate(self.trajectory(task.support, steps), start=1):
                 if every_step or drawn == steps + 1:
-                    results.append(self.evaluate(learner, task.query))
+                    results.append(self.score(learner, task.query))
         if drawn != steps + 1:
             raise RuntimeError(f"{type(self).__name__}.trajectory yielded {drawn} learners for {steps} steps, "
                                f"not {steps + 1}")

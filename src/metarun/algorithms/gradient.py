@@ -16,8 +16,7 @@ from metarun._learn2learn import l2l
 from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective, TaskResult
-from metarun.task_types import Task
-from metarun.tasks import TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 
 
 def classifier(features: nn.Module, outputs: int) -> nn.Sequential:
@@ -110,7 +109,7 @@ class GradientBasedAlgorithm(Algorithm):
             self.enter_step(adapted, step + 1)
             yield self.learner(adapted)
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return self.objective.result(learner(query.x), query)
 
     def meta_step(self, tasks: Sequence[Task], update: MetaUpdate) -> dict[str, float]:

@@ -16,7 +16,7 @@ from metarun.algorithms.maml_plus_plus import (
 )
 from metarun.errors import ConfigError
 from metarun.objectives import Objective, TaskResult
-from metarun.task_types import Task
+from metarun.tasks.types import Task
 
 
 class MAML(GradientBasedAlgorithm):
@@ -165,8 +165,8 @@ class MAML(GradientBasedAlgorithm):
                     continue
                 if step < self.inner_steps:
                     with private_buffers(learner):  # only the last query pass folds statistics
-                        result = self.evaluate(learner, task.query)
+                        result = self.score(learner, task.query)
                 else:
-                    result = self.evaluate(learner, task.query)
+                    result = self.score(learner, task.query)
                 losses.append(weights[step - 1] * result.loss)
         return sum(losses), result

@@ -11,8 +11,8 @@ from torch import nn
 
 from metarun.algorithms.base import Algorithm, MetaUpdate, private_buffers
 from metarun.errors import ConfigError
-from metarun.objectives import Classification, Objective, classification_result
-from metarun.task_types import Curve, Task, TaskResult, TaskSplit
+from metarun.objectives import Classification, Curve, Objective, TaskResult, classification_result
+from metarun.tasks.types import Task, TaskSplit
 
 # The memory starts as a small constant, not zero, so that the cosine similarity of a key with
 # every slot is defined (and equal: the first reads are uniform).
@@ -134,7 +134,7 @@ class MemoryState:
 
 class SupportSet(nn.Module):
     """The learner of a task: MANN has no inner loop, its "adaptation" is reading the support set in
-    sequence, which :meth:`MANN.evaluate` does together with the query (one forward pass of the
+    sequence, which :meth:`MANN.score` does together with the query (one forward pass of the
     backbone over the task's images)."""
 
     def __init__(self, support: TaskSplit) -> None:
@@ -348,7 +348,7 @@ class MANN(Algorithm):
         for _ in range(steps + 1):
             yield learner
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         """The N-way K-shot query result (support first, then each query alone), with the
         accuracy by instance number of the task read as one episode."""
         task = Task(learner.support, query)

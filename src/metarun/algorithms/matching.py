@@ -7,7 +7,7 @@ from torch import nn
 
 from metarun.algorithms.metric import MetricBasedAlgorithm
 from metarun.objectives import Objective
-from metarun.tasks import TaskSplit
+from metarun.tasks.types import TaskSplit
 
 # Attention weights are probabilities; their log is the classifier's log-likelihood, kept finite.
 _EPS = 1e-8
@@ -88,7 +88,7 @@ class MatchingClassifier(nn.Module):
         return cosine_attention(queries, self.support, self.algorithm.attention_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Log-probabilities already sum to one, so the cross-entropy of the family's evaluate is
+        # Log-probabilities already sum to one, so the cross-entropy of the family's score is
         # the paper's negative log-likelihood.
         return torch.log(self.attention(x) @ self.one_hot + _EPS)
 

@@ -19,8 +19,8 @@ from torch.func import functional_call
 from metarun.algorithms.base import Algorithm
 from metarun.algorithms.gradient import classifier
 from metarun.errors import ConfigError
-from metarun.objectives import Classification, Objective
-from metarun.task_types import TaskResult, TaskSplit
+from metarun.objectives import Classification, Objective, TaskResult
+from metarun.tasks.types import TaskSplit
 
 # Andrychowicz et al. (2016, Appendix A) preprocessing constant; Ravi & Larochelle use p = 10.
 PREPROCESS_P = 10.0
@@ -206,5 +206,5 @@ class MetaLSTM(Algorithm):
             theta, state = self.meta_learner(theta, grad, loss.detach(), state)
             yield Learner(self.network, theta)
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return self.objective.result(learner(query.x), query)

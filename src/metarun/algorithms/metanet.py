@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from metarun.algorithms.base import Algorithm, MetaUpdate, private_buffers
 from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective, TaskResult
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 
 REPRESENTATION_LOSSES = ("contrastive", "cross_entropy")
 
@@ -447,18 +447,18 @@ class MetaNetwork(Algorithm):
         for _ in range(steps + 1):
             yield learner
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return Classification().result(learner(query.x), query)
 
     def task_losses(self, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor], TaskResult]:
         """One training task: the minimised loss, its parts (the unweighted losses) and the query result.
 
-        The forward passes are those of ``trajectory`` + ``evaluate`` (the auxiliary losses are by-products
+        The forward passes are those of ``trajectory`` + ``score`` (the auxiliary losses are by-products
         of reading the support set), on private buffers folded back at the end like every training task.
         """
         with private_buffers(self, keep=True):
             *_, learner = self.trajectory(task.support, self.inner_steps)
-            result = self.evaluate(learner, task.query)
+            result = self.score(learner, task.query)
         parts = {"query_loss": result.loss, "representation_loss": learner.representation_loss,
                  "support_loss": learner.support_loss}
         loss = (result.loss + self.representation_weight * learner.representation_loss

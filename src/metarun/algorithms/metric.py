@@ -18,14 +18,14 @@ from torch import nn
 from metarun.algorithms.base import Algorithm
 from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective, TaskResult, classification_result
-from metarun.tasks import TaskSplit
+from metarun.tasks.types import TaskSplit
 
 
 class MetricBasedAlgorithm(Algorithm):
     """An algorithm that classifies queries by comparing them with the embedded support set.
 
     Subclasses implement :meth:`learner` (support set -> a module giving ``[q, ways]`` logits or
-    log-probabilities for queries); :meth:`evaluate` is cross-entropy and accuracy on them unless
+    log-probabilities for queries); :meth:`score` is cross-entropy and accuracy on them unless
     the method has another loss (the Relation Network's MSE).
 
     Args:
@@ -51,7 +51,7 @@ class MetricBasedAlgorithm(Algorithm):
         for _ in range(steps + 1):
             yield learner
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return classification_result(learner(query.x), query.y)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from metarun.algorithms.metric import MetricBasedAlgorithm, class_means
 from metarun.errors import ConfigError
 from metarun.objectives import Objective
-from metarun.tasks import TaskSplit
+from metarun.tasks.types import TaskSplit
 
 DISTANCES = ("euclidean", "cosine")
 

@@ -8,7 +8,7 @@ from torch import nn
 from metarun.algorithms.metric import MetricBasedAlgorithm
 from metarun.errors import ConfigError
 from metarun.objectives import Objective, TaskResult
-from metarun.tasks import TaskSplit
+from metarun.tasks.types import TaskSplit
 
 
 class RelationModule(nn.Module):
@@ -99,7 +99,7 @@ class RelationNet(MetricBasedAlgorithm):
         class_maps = (one_hot.T @ maps.flatten(1)).view(support.ways, *maps.shape[1:])  # summed per class
         return RelationScores(self, class_maps)
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         scores = learner(query.x)  # [q, ways]
         targets = nn.functional.one_hot(query.y, scores.shape[1]).to(scores.dtype)
         loss = nn.functional.mse_loss(scores, targets)

@@ -12,8 +12,8 @@ from torch import nn
 from metarun.algorithms.base import Algorithm, MetaUpdate, private_buffers
 from metarun.algorithms.gradient import classifier
 from metarun.errors import ConfigError
-from metarun.objectives import Classification, Objective
-from metarun.task_types import Task, TaskResult, TaskSplit
+from metarun.objectives import Classification, Objective, TaskResult
+from metarun.tasks.types import Task, TaskSplit
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 # The authors' inner optimizer: TensorFlow's Adam with beta1 = 0 and its default beta2 and epsilon.
@@ -65,7 +65,7 @@ class Reptile(Algorithm):
     linearly from ``outer_lr`` (iteration 0) towards ``outer_lr_final`` (reached after the last
     iteration), as the authors' ``frac_done`` schedule, from :meth:`on_iteration`'s two numbers.
 
-    Evaluation (:meth:`evaluate`): ``transductive`` scores the whole query set ``[q, ...]`` in one
+    Scoring (:meth:`score`): ``transductive`` scores the whole query set ``[q, ...]`` in one
     forward pass (BatchNorm on the query batch's statistics with ``eval.bn_batch_stats=true``);
     otherwise, as the authors' non-transductive test, each query sample is classified in its own
     forward pass of ``cat(support.x, query.x[i:i+1])`` ``[ways * shots + 1, ...]``, its row the
@@ -186,7 +186,7 @@ class Reptile(Algorithm):
         # A fixed seed for the minibatch order: evaluation is a function of the model and the task.
         return self.adaptation(support, steps, torch.Generator().manual_seed(0))
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         if self.transductive:
             predictions = learner(query.x)
         else:

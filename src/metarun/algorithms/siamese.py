@@ -8,7 +8,7 @@ from torch import nn
 from metarun.algorithms.metric import MetricBasedAlgorithm
 from metarun.errors import ConfigError
 from metarun.objectives import Objective, TaskResult
-from metarun.tasks import TaskSplit
+from metarun.tasks.types import TaskSplit
 
 
 def balanced_pairs(query_y: torch.Tensor, support_y: torch.Tensor, ways: int) -> tuple[torch.Tensor, ...]:
@@ -98,7 +98,7 @@ class SiameseNet(MetricBasedAlgorithm):
     def learner(self, support: TaskSplit) -> TwinScorer:
         return TwinScorer(self, support)
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         logits = learner(query.x)  # [q, s]
         query_index, support_index, same = balanced_pairs(query.y, learner.support_y, learner.ways)
         pair_logits = logits[query_index, support_index]

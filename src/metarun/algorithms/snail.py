@@ -19,7 +19,7 @@ from torch import nn
 from metarun.algorithms.base import Algorithm
 from metarun.errors import ConfigError
 from metarun.objectives import Classification, Objective, TaskResult, classification_result
-from metarun.task_types import Task, TaskSplit
+from metarun.tasks.types import Task, TaskSplit
 
 
 class CausalConv1d(nn.Module):
@@ -257,7 +257,7 @@ class SNAIL(Algorithm):
     AttentionBlock(512, 256)``, then a 1x1 convolution to N outputs, on a Conv4-64 embedding for Omniglot.
 
     Episodes: every task is shown with a fresh class-to-label permutation and support order
-    (:meth:`metarun.task_types.Task.sequence`), so the model must read the labels off the support
+    (:meth:`metarun.tasks.types.Task.sequence`), so the model must read the labels off the support
     rather than remember classes. In meta-training the episode is drawn from torch's global RNG (the
     run's seed reproduces it); in evaluation (``eval()`` or ``torch.no_grad()``) from a seed computed
     from the support images, with the classes first named by their order in the support, so a task
@@ -324,5 +324,5 @@ class SNAIL(Algorithm):
         for _ in range(steps + 1):
             yield learner
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return classification_result(learner(query.x), query.y)

@@ -12,8 +12,8 @@ from torch import nn
 
 from metarun.algorithms.base import Algorithm
 from metarun.errors import ConfigError
-from metarun.objectives import Classification, Objective, Regression
-from metarun.task_types import TaskResult, TaskSplit
+from metarun.objectives import Classification, Objective, Regression, TaskResult
+from metarun.tasks.types import TaskSplit
 
 # The terms a rule may combine, for the synapse from presynaptic unit i to postsynaptic unit j of
 # one layer. ``pre`` is x_i, ``post`` is y_j (the unit's activity), ``error`` is m_j (its
@@ -288,7 +288,7 @@ class SynapticRule(Algorithm):
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
         yield from self.unroll(self.fresh_network(support), support, steps)
 
-    def evaluate(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
+    def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return self.objective.result(learner(query.x), query)
 
     def learned_rule(self) -> dict[str, float]:

@@ -52,9 +52,8 @@ from metarun.algorithms.base import MetaUpdate
 from metarun.algorithms.maml_plus_plus import PerStepBatchNorm
 from metarun.backbones import MLP, Conv4
 from metarun.errors import ConfigError
-from metarun.objectives import Classification, Regression
-from metarun.task_batch import TaskBatch
-from metarun.task_types import Task, TaskResult
+from metarun.objectives import Classification, Regression, TaskResult
+from metarun.tasks.types import Task, TaskBatch
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A dataset module turns files (or a generator) into one :class:`ImageClasses` holding every
 class, then :func:`split_by_names` or :func:`split_by_seed` cuts it into train/val/test
 classes, and :func:`with_rotations` optionally adds rotated copies as new classes. Tasks are
-sampled later, from one split at a time (``metarun.tasks``).
+sampled later, from one split at a time (``metarun.tasks.sampling``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from metarun.checkpoint import atomic_save
 from metarun.errors import DatasetError, one_line
 from metarun.objectives import Classification, Objective
-from metarun.tasks import TaskSampler
+from metarun.tasks.sampling import TaskSampler
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ClassSplits:
     def sampler(self, split_name: str, ways: int, shots: int, query_shots: int, device: torch.device | str,
                 augment: Callable[[torch.Tensor], torch.Tensor] | None) -> TaskSampler:
         """N-way K-shot tasks from the classes of ``split_name`` (the ``TaskSource`` interface of
-        ``metarun.tasks``), drawn from one group when ``split_name`` is in :attr:`within_group`;
+        ``metarun.tasks.sampling``), drawn from one group when ``split_name`` is in :attr:`within_group`;
         ``augment`` transforms their images ``[n, C, H, W]``."""
         classes = dict(self.items())[split_name]
         return TaskSampler(classes, ways, shots, query_shots, device, split_name, split_name in self.within_group,

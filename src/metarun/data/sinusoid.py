@@ -24,7 +24,8 @@ import torch
 
 from metarun.errors import DatasetError
 from metarun.objectives import Regression
-from metarun.tasks import FixedTasks, Task, TaskSplit, draw_fixed_tasks
+from metarun.tasks.sampling import FixedTasks, draw_fixed_tasks
+from metarun.tasks.types import Task, TaskSplit
 
 
 def check_range(name: str, bounds: Sequence[float]) -> tuple[float, float]:
@@ -41,7 +42,7 @@ def check_range(name: str, bounds: Sequence[float]) -> tuple[float, float]:
 class Sinusoids:
     """The ``_target_`` of ``conf/dataset/sinusoid.yaml``: a source of sinusoid regression tasks.
 
-    Implements the ``TaskSource`` interface of :mod:`metarun.tasks` that ``build_data`` uses.
+    Implements the ``TaskSource`` interface of :mod:`metarun.tasks.sampling` that ``build_data`` uses.
 
     Args:
         amplitude: ``[low, high]`` of the uniform amplitude ``A`` (paper: [0.1, 5.0]).

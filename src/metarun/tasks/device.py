@@ -31,9 +31,8 @@ from typing import Any
 import torch
 
 from metarun.errors import ConfigError
-from metarun.task_batch import TaskBatch
-from metarun.task_types import Task
-from metarun.tasks import FixedTasks, OneGroup, Sampler, TaskSampler
+from metarun.tasks.sampling import FixedTasks, OneGroup, Sampler, TaskSampler
+from metarun.tasks.types import Task, TaskBatch
 
 log = logging.getLogger(__name__)
 

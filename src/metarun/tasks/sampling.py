@@ -24,17 +24,14 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from metarun._learn2learn import l2l
 from metarun.errors import DatasetError
 from metarun.objectives import Objective
-from metarun.task_types import Task, TaskSplit
-
-if TYPE_CHECKING:
-    from metarun.data.base import ImageClasses
+from metarun.tasks.types import Task, TaskSplit
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +44,20 @@ def image_tensor(images: torch.Tensor, device: torch.device | str) -> torch.Tens
     sampled task's would be.
     """
     return images.to(device=device, dtype=torch.float32).div_(255.0)
+
+
+class ImageClasses(Protocol):
+    """What a sampler reads of a class split (``metarun.data.base.ImageClasses`` has it; the data
+    package depends on the samplers, never the other way round)."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+    groups: list[str]  # one group name per class
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def samples_per_class(self) -> torch.Tensor: ...
 
 
 class Sampler(Protocol):
