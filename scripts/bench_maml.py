@@ -12,6 +12,10 @@ glyphs), in one process, rounds alternating between them so machine noise hits a
   falls back to with the default ``sampler=device``);
 - ``vectorised``: the device sampler and the vectorised ``meta_step`` (``vectorize=true``).
 
+Every value but the shape is the config's: ``experiment=maml_omniglot_5w1s dataset=glyphs`` composed from
+conf/ (MAML's inner rate and switches, the Conv4, Adam and its rate, the glyphs), and metarun's variants
+are built by ``metarun.build.build_algorithm``; the shape's defaults are that preset's too.
+
 ``auto`` is whichever of the last two ``vectorize=auto`` picks for the shape. Ratios are medians of
 per-round ratios against the learn2learn loop (``/l2l``) and against metarun's per-task path
 (``auto/per-task``). The grid covers 5-way 1-shot with 1 and 15 queries per class, meta-batch 4,
@@ -35,32 +39,46 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import nn
 
+import metarun.config  # noqa: F401  (registers the run_schema that conf/config.yaml starts from)
 from metarun._learn2learn import l2l
 from metarun.algorithms import vectorized
-from metarun.algorithms.base import MetaUpdate
-from metarun.algorithms.maml import MAML
-from metarun.backbones import Conv4
+from metarun.algorithms.base import Algorithm, MetaUpdate
+from metarun.build import build_algorithm
 from metarun.cli import CONFIG_DIR
-from metarun.data.glyphs import load_glyphs
 from metarun.loop import hardware
 from metarun.runtime import configure_cpu
 from metarun.tasks.device import DeviceTaskSampler, sample_tasks
 from metarun.tasks.sampling import TaskSampler
 
 VARIANTS = ("learn2learn", "per-task", "per-task+dev", "vectorised")
+# MAML's Omniglot 5-way 1-shot protocol on the generated glyphs: every value but the shape comes from here.
+PRESET = ("experiment=maml_omniglot_5w1s", "dataset=glyphs")
+
+
+def config(*overrides: str) -> DictConfig:
+    """conf/config.yaml with :data:`PRESET`, then ``overrides``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*PRESET, *overrides])
+
+
+def load_data(cfg: DictConfig | None = None):
+    """The glyphs' class splits, as the config's dataset makes them (cached after the first run)."""
+    return instantiate((cfg or config()).dataset, _convert_="all")
 
 
 @dataclass(frozen=True)
 class Shape:
-    ways: int = 5
-    shots: int = 1
-    query_shots: int = 1
-    meta_batch_size: int = 32
-    inner_steps: int = 1
-    first_order: bool = False
+    ways: int
+    shots: int
+    query_shots: int
+    meta_batch_size: int
+    inner_steps: int
+    first_order: bool
 
     def __str__(self) -> str:
         return (f"{self.ways}w{self.shots}s q{self.query_shots} mb{self.meta_batch_size} k{self.inner_steps} "
@@ -88,12 +106,32 @@ def learn2learn_example_step(maml, optimizer, taskset, shape: Shape, device) -> 
     optimizer.step()
 
 
-def make_algorithm(shape: Shape, vectorize: str, device: torch.device) -> MAML:
+def shape_config(shape: Shape, vectorize: str = "auto") -> DictConfig:
+    """The config of one benchmarked shape: :data:`PRESET` with the shape's ways and inner loop."""
+    return config(f"ways={shape.ways}", f"shots={shape.shots}", f"query_shots={shape.query_shots}",
+                  f"train_query_shots={shape.query_shots}", f"meta_batch_size={shape.meta_batch_size}",
+                  f"algorithm.inner_steps={shape.inner_steps}", f"algorithm.eval_inner_steps={shape.inner_steps}",
+                  f"algorithm.first_order={str(shape.first_order).lower()}", f"algorithm.vectorize={vectorize}")
+
+
+def make_algorithm(shape: Shape, vectorize: str, device: torch.device
+                   ) -> tuple[Algorithm, torch.optim.Optimizer]:
+    """metarun's MAML and its meta-optimizer, as a run builds them (same initial weights every time)."""
     torch.manual_seed(0)
-    return MAML(Conv4(), ways=shape.ways, inner_lr=0.4, inner_steps=shape.inner_steps,
-                eval_inner_steps=shape.inner_steps, first_order=shape.first_order, per_step_bn_statistics=False,
-                per_step_bn_weights=False, per_step_inner_lrs=False, multi_step_loss=False, msl_anneal_iterations=0,
-                first_order_iterations=0, vectorize=vectorize).to(device)
+    algorithm, optimizer, _ = build_algorithm(shape_config(shape, vectorize), device)
+    return algorithm, optimizer
+
+
+def make_baseline(shape: Shape, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """learn2learn's MAML on the same network (same initial weights as :func:`make_algorithm`: the backbone,
+    then the linear head), inner rate and meta-optimizer, from the same config nodes the build reads.
+    It is no metarun algorithm, so the build cannot make it."""
+    cfg = shape_config(shape)
+    torch.manual_seed(0)
+    features = instantiate(cfg.backbone)
+    baseline = l2l.algorithms.MAML(nn.Sequential(features, nn.Linear(features.out_features, shape.ways)),
+                                   lr=cfg.algorithm.inner_lr, first_order=cfg.algorithm.first_order).to(device)
+    return baseline, instantiate(cfg.optimizer)(params=baseline.parameters())
 
 
 def steps(shape: Shape, splits, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -111,16 +149,13 @@ def steps(shape: Shape, splits, device: torch.device) -> dict[str, Callable[[], 
         l2l.data.transforms.RemapLabels(meta),
         l2l.data.transforms.ConsecutiveLabels(meta),
     ], num_tasks=-1)
-    torch.manual_seed(0)
-    baseline = l2l.algorithms.MAML(nn.Sequential(Conv4(), nn.Linear(64, shape.ways)), lr=0.4,
-                                   first_order=shape.first_order).to(device)
-    base_opt = torch.optim.Adam(baseline.parameters(), lr=1e-3)
+    baseline, base_opt = make_baseline(shape, device)
     out["learn2learn"] = lambda: learn2learn_example_step(baseline, base_opt, taskset, shape, device)
 
     for name, vectorize, source in (("per-task", "false", sampler), ("per-task+dev", "false", device_sampler),
                                     ("vectorised", "true", device_sampler)):
-        algorithm = make_algorithm(shape, vectorize, device)
-        update = MetaUpdate(torch.optim.Adam(algorithm.parameters(), lr=1e-3), grad_clip=None)
+        algorithm, optimizer = make_algorithm(shape, vectorize, device)
+        update = MetaUpdate(optimizer, grad_clip=None)
 
         def step(algorithm=algorithm, update=update, source=source) -> None:
             algorithm.train()  # what metarun's loop does per iteration: sample the meta-batch, then meta_step
@@ -132,7 +167,7 @@ def steps(shape: Shape, splits, device: torch.device) -> dict[str, Callable[[], 
 
 def auto_choice(shape: Shape, splits, device: torch.device) -> bool:
     """Whether vectorize=auto vectorises this shape."""
-    algorithm = make_algorithm(shape, "auto", device)
+    algorithm, _ = make_algorithm(shape, "auto", device)
     sampler = DeviceTaskSampler(TaskSampler(splits.train, shape.ways, shape.shots, shape.query_shots, device))
     return vectorized.choose(algorithm, sampler.sample_batch(shape.meta_batch_size), "meta-training")
 
@@ -189,13 +224,14 @@ def bench_sampling(splits, device: torch.device, shape: Shape, rounds: int, seco
 
 
 def main() -> None:
+    preset = config()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--query-shots", type=int, default=1)
-    parser.add_argument("--meta-batch-size", type=int, default=32)
-    parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--first-order", action="store_true")
+    parser.add_argument("--ways", type=int, default=preset.ways)
+    parser.add_argument("--shots", type=int, default=preset.shots)
+    parser.add_argument("--query-shots", type=int, default=preset.query_shots)
+    parser.add_argument("--meta-batch-size", type=int, default=preset.meta_batch_size)
+    parser.add_argument("--inner-steps", type=int, default=preset.algorithm.inner_steps)
+    parser.add_argument("--first-order", action="store_true", default=preset.algorithm.first_order)
     parser.add_argument("--grid", action="store_true", help="the whole grid (queries 1/15, meta-batch 4/16/32, "
                                                             "steps 1/5, both orders)")
     parser.add_argument("--sampling", action="store_true", help="time the samplers alone")
@@ -205,13 +241,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave the default)")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
-                        default=OmegaConf.load(os.path.join(CONFIG_DIR, "config.yaml")).keep_freed_memory,
+                        default=preset.keep_freed_memory,
                         help="glibc keeps freed memory (default: as a run does, keep_freed_memory in "
                              "conf/config.yaml); it applies to every variant, the process is one")
     args = parser.parse_args()
     configure_cpu(args.threads, args.keep_freed_memory)
     device = torch.device(args.device)
-    splits = load_glyphs()
+    splits = load_data(preset)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"hardware: {hardware(device)}; {torch.get_num_threads()} torch thread(s); "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else "")
@@ -219,7 +255,8 @@ def main() -> None:
           f"keep_freed_memory={args.keep_freed_memory}")
     if args.sampling:
         for mb in (4, 16, 32):
-            bench_sampling(splits, device, Shape(args.ways, args.shots, args.query_shots, mb), args.rounds, args.seconds)
+            shape = Shape(args.ways, args.shots, args.query_shots, mb, args.inner_steps, args.first_order)
+            bench_sampling(splits, device, shape, args.rounds, args.seconds)
         return
     if args.grid:
         shapes = [Shape(args.ways, args.shots, q, mb, k, fo)

@@ -29,7 +29,6 @@ from omegaconf import OmegaConf
 import bench_maml  # scripts/ is on the path of a script run from it; one definition of each meta-step
 from metarun.algorithms import vectorized
 from metarun.cli import CONFIG_DIR
-from metarun.data.glyphs import load_glyphs
 from metarun.runtime import configure_cpu
 
 
@@ -122,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_cpu(1, args.keep_freed_memory)
     shape = bench_maml.Shape(5, 1, 1, 32, args.inner_steps, args.first_order)
-    steps = bench_maml.steps(shape, load_glyphs(), torch.device("cpu"))
+    steps = bench_maml.steps(shape, bench_maml.load_data(), torch.device("cpu"))
     print(f"{shape}; keep_freed_memory={args.keep_freed_memory}; {bench_maml.hardware(torch.device('cpu'))}")
     iterations = 6 if args.inner_steps == 1 else 2
     if args.what == "faults":

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from metarun.data.base import ImageClasses, split_by_seed
 from metarun.data.glyphs import generate_glyphs
@@ -51,10 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ways", type=int, default=5)
     args = parser.parse_args()
+    from metarun.cli import CONFIG_DIR  # here, not at the top: the tests import one_nn_accuracy
+
+    glyphs = OmegaConf.load(Path(CONFIG_DIR) / "dataset" / "glyphs.yaml")  # metarun's glyphs, not cached
     start = time.perf_counter()
-    classes = generate_glyphs()  # the defaults of conf/dataset/glyphs.yaml, not cached
+    classes = generate_glyphs(glyphs.num_alphabets, glyphs.characters_per_alphabet, glyphs.samples_per_class,
+                              glyphs.image_size, glyphs.seed)
     seconds = time.perf_counter() - start
-    test = split_by_seed(classes, (800, 100, -1), seed=1).test
+    test = split_by_seed(classes, tuple(glyphs.split_sizes), seed=glyphs.split_seed).test
     print(f"hardware: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     print(f"generated {classes.num_classes} classes x {int(classes.samples_per_class()[0])} drawings "
           f"in {seconds:.1f} s")

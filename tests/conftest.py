@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import subprocess
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import metarun.config  # noqa: F401  (registers the run_schema that conf/config.yaml starts from)
 
@@ -68,6 +71,30 @@ def compose_cfg():
             return compose(config_name="config", overrides=[*tiny, *overrides])
 
     return _compose
+
+
+def backbone(name: str = "conv4", **options):
+    """``conf/backbone/<name>.yaml`` built on the glyphs' images (its ``${dataset.*}``), ``options`` replacing
+    its values: the networks' values live in the config only (the constructors have no defaults for them)."""
+    cfg = OmegaConf.create({"dataset": OmegaConf.load(CONF / "dataset" / "glyphs.yaml"),
+                            "backbone": OmegaConf.load(CONF / "backbone" / f"{name}.yaml")})
+    return instantiate(cfg.backbone, _convert_="all", **options)
+
+
+def glyphs_options(**overrides) -> dict:
+    """The arguments of ``metarun.data.glyphs.load_glyphs``: conf/dataset/glyphs.yaml's values, ``overrides``
+    replacing some (the loader has no defaults: its values live in the config)."""
+    values = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / "glyphs.yaml"))
+    del values["_target_"]
+    return {**values, **overrides}
+
+
+def glyph_generation_options(**overrides) -> dict:
+    """The arguments of ``metarun.data.glyphs.generate_glyphs``, as :func:`glyphs_options`."""
+    from metarun.data.glyphs import generate_glyphs
+
+    names = inspect.signature(generate_glyphs).parameters
+    return {key: value for key, value in glyphs_options(**overrides).items() if key in names}
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

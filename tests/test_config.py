@@ -10,10 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF
+from conftest import CONF, backbone
 from metarun import config
 from metarun.algorithms.base import Algorithm
-from metarun.backbones import MLP, Conv4
+from metarun.backbones import Conv4
 from metarun.build import build_algorithm, build_data, resolve_device
 from metarun.cli import user_error
 from metarun.data.base import ClassSplits
@@ -59,7 +59,8 @@ def test_paper_backbone_sizes(compose_cfg):
 @pytest.mark.parametrize("size", [28, 30, 84])
 @pytest.mark.parametrize("pooled", [(4, 1), (2, 0), (2, 1)], ids=["all-pooled", "sung", "two-pooled"])
 def test_conv4_out_features_and_map_shape_match_a_forward_pass(pool, size, pooled):
-    net = Conv4(hidden=8, image_size=size, pool=pool, flatten=True, pooled_blocks=pooled[0], pooled_padding=pooled[1])
+    net = Conv4(in_channels=1, hidden=8, image_size=size, pool=pool, flatten=True, pooled_blocks=pooled[0],
+                pooled_padding=pooled[1])
     x = torch.rand(2, 1, size, size)
     assert net(x).shape == (2, net.out_features)
     assert net.feature_maps(x).shape == (2, *net.map_shape)
@@ -67,13 +68,13 @@ def test_conv4_out_features_and_map_shape_match_a_forward_pass(pool, size, poole
 
 def test_relation_network_embedding_sizes():
     """Sung et al. (2018): 64 x 5 x 5 maps for 28x28 Omniglot, 64 x 19 x 19 for 84x84 mini-ImageNet."""
-    assert Conv4(image_size=28, pool="max", pooled_blocks=2, pooled_padding=0).map_shape == (64, 5, 5)
-    assert Conv4(in_channels=3, image_size=84, pool="max", pooled_blocks=2, pooled_padding=0).map_shape == (64, 19, 19)
-    assert MLP().map_shape == (64, 1, 1)
+    assert backbone("conv4_relation", in_channels=1, image_size=28).map_shape == (64, 5, 5)
+    assert backbone("conv4_relation", in_channels=3, image_size=84).map_shape == (64, 19, 19)
+    assert backbone("mlp").map_shape == (64, 1, 1)
 
 
 def test_building_a_backbone_leaves_batchnorm_statistics_untouched():
-    for net in (Conv4(), Conv4(pool="max", flatten=True), MLP()):
+    for net in (backbone("conv4"), backbone("conv4", pool="max", flatten=True), backbone("mlp")):
         for bn in (m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
             assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
             assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
@@ -185,9 +186,56 @@ def test_an_algorithm_with_its_own_network_needs_no_fitting_backbone(compose_cfg
     assert cfg.backbone is None
 
 
-def test_every_job_key_is_left_out_of_hydras_job_directory_names():
-    """config.JOB_KEYS (resume may change them; they name no evaluation or table row) and Hydra's
-    override_dirname.exclude_keys (they name no multirun job directory) are one list in two places."""
-    exclude = OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname.exclude_keys
-    for key in config.JOB_KEYS:
-        assert key in exclude or (key.endswith(".") and any(k.startswith(key) for k in exclude)), key
+def test_hydras_job_directory_names_leave_out_exactly_the_unnamed_keys(compose_cfg):
+    """Hydra's override_dirname.exclude_keys (conf/config.yaml) is config.UNNAMED_KEYS (the job keys, the
+    seed, resume, output_dir), each prefix (``wandb.``) written out as the keys the config has under it:
+    Hydra matches whole keys. metarun-table's RUNTIME_KEYS start from the same list."""
+    from metarun.table import RUNTIME_KEYS
+
+    exclude = list(OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    cfg = compose_cfg()
+    expected = []
+    for key in config.UNNAMED_KEYS:
+        node = key.rstrip(".")
+        expected += [f"{node}.{k}" for k in cfg[node] if not k.startswith("_")] if key.endswith(".") else [key]
+    assert sorted(exclude) == sorted(expected) and len(set(exclude)) == len(exclude)
+    assert set(config.JOB_KEYS) <= set(config.UNNAMED_KEYS) <= set(RUNTIME_KEYS)
+
+
+# Targets whose loaders still give Python defaults to values their config sets (not yet declared once).
+DEFAULTS_LEFT = {"metarun.data.cifar.load_cifarfs", "metarun.data.cifar.load_fc100", "metarun.data.cub.load_cub",
+                 "metarun.data.miniimagenet.load_miniimagenet", "metarun.data.omniglot.load_omniglot",
+                 "metarun.data.sinusoid.Sinusoids", "metarun.data.tieredimagenet.load_tieredimagenet"}
+
+
+def targets(*groups: str) -> dict[str, list[str]]:
+    """``_target_`` -> the configs (``group/name``) of ``groups`` that build it."""
+    out: dict[str, list[str]] = {}
+    for group in groups:
+        for name in options(group):
+            out.setdefault(OmegaConf.load(CONF / group / f"{name}.yaml")._target_, []).append(f"{group}/{name}")
+    return out
+
+
+@pytest.mark.parametrize(
+    "target",
+    [pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="its Python defaults restate the config"))
+     if t in DEFAULTS_LEFT else t for t in sorted(targets("backbone", "dataset"))],
+)
+def test_backbone_and_dataset_values_are_declared_once(target):
+    """What conf/backbone/ and conf/dataset/ set has no Python default in its ``_target_`` as well
+    (conf/algorithm/: tests/test_algorithms.py). A parameter every config of the target sets has no
+    default; one only some set (Conv4's pooled_blocks: the Relation Network's) may keep the default the
+    others use, which no config restates."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    configs = {name: OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))  # as written
+               for name in targets("backbone", "dataset")[target]}
+    for pname, parameter in inspect.signature(get_object(target)).parameters.items():
+        setting = [name for name, cfg in configs.items() if pname in cfg]
+        if len(setting) == len(configs):
+            assert parameter.default is inspect.Parameter.empty, f"{target}.{pname} has a Python default as well"
+        for name in setting:
+            assert configs[name][pname] != parameter.default, f"{name} restates {target}'s default {pname}"

@@ -1,8 +1,8 @@
 """Tests of metarun.data.glyphs, the generated Omniglot-shaped dataset.
 
 Most tests use a small generation (4 alphabets x 5 characters) and a cache in ``tmp_path``. The
-tests of difficulty use the default size (1200 characters x 20 drawings, a few seconds), generated
-once for the module.
+tests of difficulty use the size of conf/dataset/glyphs.yaml (1200 characters x 20 drawings, a few
+seconds), generated once for the module.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from conftest import glyph_generation_options, glyphs_options
 from glyphs_difficulty import one_nn_accuracy  # scripts/, on the path through conftest
 from metarun.data import glyphs
 from metarun.data.base import ClassSplits, DatasetError, ImageClasses, split_by_seed
@@ -24,14 +25,24 @@ SMALL_CLASSES = 4 * 5
 SMALL_SPLIT = [12, 4, -1]  # 12 / 4 / 4 of the 20 classes
 
 
+def generate(**options) -> ImageClasses:
+    """generate_glyphs with conf/dataset/glyphs.yaml's values but ``options`` (the function has no defaults)."""
+    return generate_glyphs(**glyph_generation_options(**options))
+
+
+def load(**options) -> ClassSplits:
+    """load_glyphs with conf/dataset/glyphs.yaml's values but ``options`` (the function has no defaults)."""
+    return load_glyphs(**glyphs_options(**options))
+
+
 @pytest.fixture(scope="module")
 def small() -> ImageClasses:
-    return generate_glyphs(**SMALL)
+    return generate(**SMALL)
 
 
 @pytest.fixture(scope="module")
 def default_size() -> ImageClasses:
-    return generate_glyphs()
+    return generate()
 
 
 def flat(classes: ImageClasses) -> torch.Tensor:
@@ -73,7 +84,7 @@ def test_ink_is_bright_on_a_dark_background(small):
 
 @pytest.mark.parametrize("image_size", [8, 16, 56])
 def test_image_size(image_size):
-    classes = generate_glyphs(
+    classes = generate(
         num_alphabets=1, characters_per_alphabet=2, samples_per_class=3, image_size=image_size
     )
     assert classes.images.shape == (6, 1, image_size, image_size)
@@ -81,10 +92,10 @@ def test_image_size(image_size):
 
 
 def test_same_arguments_give_identical_images_and_other_seeds_differ(small):
-    again = generate_glyphs(**SMALL)
+    again = generate(**SMALL)
     assert torch.equal(again.images, small.images) and torch.equal(again.labels, small.labels)
     assert again.class_names == small.class_names
-    other = generate_glyphs(**SMALL, seed=1)
+    other = generate(**SMALL, seed=1)
     assert not torch.equal(other.images, small.images)
 
 
@@ -93,11 +104,11 @@ def test_generation_ignores_the_global_random_state(small):
     import numpy as np
 
     np.random.seed(123)
-    assert torch.equal(generate_glyphs(**SMALL).images, small.images)
+    assert torch.equal(generate(**SMALL).images, small.images)
 
 
 def test_a_character_does_not_depend_on_how_many_others_are_generated(small):
-    fewer = generate_glyphs(
+    fewer = generate(
         num_alphabets=2, characters_per_alphabet=3, samples_per_class=SMALL["samples_per_class"]
     )
     for label, name in enumerate(fewer.class_names):
@@ -129,7 +140,8 @@ def test_drawings_of_a_character_differ_but_are_closer_to_each_other_than_to_oth
 
 def test_one_nn_in_pixel_space_is_far_above_chance_and_far_from_perfect(default_size):
     # The generator was tuned to about 0.63 on the test split (Omniglot: 0.6-0.7); the band is wide.
-    test_classes = split_by_seed(default_size, (800, 100, -1), 1).test
+    split = glyphs_options()  # conf/dataset/glyphs.yaml's split
+    test_classes = split_by_seed(default_size, tuple(split["split_sizes"]), split["split_seed"]).test
     accuracy = one_nn_accuracy(test_classes)
     assert 0.30 < accuracy < 0.85, accuracy
 
@@ -166,7 +178,7 @@ def assert_same_splits(a: ClassSplits, b: ClassSplits) -> None:
 
 
 def test_cache_round_trip_reads_the_file_the_second_time(tmp_path, monkeypatch):
-    first = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    first = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
     files = cache_files(tmp_path)
     # One complete file, named by version and parameter hash; no temporary file left over.
     assert (
@@ -179,26 +191,26 @@ def test_cache_round_trip_reads_the_file_the_second_time(tmp_path, monkeypatch):
         raise AssertionError("generate_glyphs was called although the cache file exists")
 
     monkeypatch.setattr(glyphs, "generate_glyphs", must_not_generate)
-    second = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    second = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
     assert_same_splits(first, second)
 
 
 def test_cache_file_name_depends_on_every_generation_parameter(tmp_path):
-    load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
-    load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, seed=3)
-    load_glyphs(cache_dir=str(tmp_path), **{**SMALL, "samples_per_class": 5}, split_sizes=SMALL_SPLIT)
-    load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, image_size=20)
+    load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, seed=3)
+    load(cache_dir=str(tmp_path), **{**SMALL, "samples_per_class": 5}, split_sizes=SMALL_SPLIT)
+    load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, image_size=20)
     # The split and the rotations are applied after the cache: they add no file.
-    load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=[10, 5, 5], split_seed=7, rotations=True)
+    load(cache_dir=str(tmp_path), **SMALL, split_sizes=[10, 5, 5], split_seed=7, rotations=True)
     assert len(cache_files(tmp_path)) == 4
 
 
 def test_corrupt_cache_file_is_regenerated_with_a_warning(tmp_path, caplog):
-    fresh = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    fresh = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
     (name,) = cache_files(tmp_path)
     (tmp_path / name).write_bytes(b"not a torch file")
     with caplog.at_level(logging.WARNING, logger="metarun.data.glyphs"):
-        again = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+        again = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
     assert any("regenerating" in record.getMessage() for record in caplog.records)
     assert_same_splits(fresh, again)
     # The file was rewritten and now loads.
@@ -208,7 +220,7 @@ def test_corrupt_cache_file_is_regenerated_with_a_warning(tmp_path, caplog):
 
 def test_cache_dir_defaults_to_the_metarun_cache_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("METARUN_CACHE", str(tmp_path / "from-env"))
-    load_glyphs(**SMALL, split_sizes=SMALL_SPLIT)
+    load(**SMALL, split_sizes=SMALL_SPLIT)
     assert len(cache_files(tmp_path / "from-env")) == 1
 
 
@@ -216,23 +228,23 @@ def test_unwritable_cache_dir_only_warns(tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("a file where the cache folder should be")
     with caplog.at_level(logging.WARNING, logger="metarun.data.glyphs"):
-        splits = load_glyphs(cache_dir=str(blocker / "cache"), **SMALL, split_sizes=SMALL_SPLIT)
+        splits = load(cache_dir=str(blocker / "cache"), **SMALL, split_sizes=SMALL_SPLIT)
     assert splits.train.num_classes == 12
     assert any("could not write" in record.getMessage() for record in caplog.records)
 
 
 def test_split_sizes_and_disjoint_classes(tmp_path):
-    splits = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    splits = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
     assert [part.num_classes for _, part in splits.items()] == [12, 4, 4]
     names = [set(part.class_names) for _, part in splits.items()]
     for a, b in itertools.combinations(names, 2):
         assert not a & b
-    assert set.union(*names) == set(generate_glyphs(**SMALL).class_names)
+    assert set.union(*names) == set(generate(**SMALL).class_names)
     for _, part in splits.items():
         assert part.images.shape == (part.num_classes * 6, 1, 28, 28)
         assert torch.equal(part.samples_per_class(), torch.full((part.num_classes,), 6))
     # The split seed decides which classes go where.
-    other = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, split_seed=2)
+    other = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, split_seed=2)
     assert other.train.class_names != splits.train.class_names
 
 
@@ -240,13 +252,13 @@ def test_split_sizes_accept_a_hydra_list(tmp_path):
     from omegaconf import OmegaConf
 
     sizes = OmegaConf.create({"split_sizes": SMALL_SPLIT}).split_sizes
-    splits = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=sizes)
+    splits = load(cache_dir=str(tmp_path), **SMALL, split_sizes=sizes)
     assert splits.test.num_classes == 4
 
 
 def test_rotations_quadruple_the_classes_of_every_split(tmp_path):
-    plain = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
-    rotated = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=True)
+    plain = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    rotated = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=True)
     for (_, p), (_, r) in zip(plain.items(), rotated.items(), strict=True):
         assert r.num_classes == 4 * p.num_classes and len(r.labels) == 4 * len(p.labels)
         assert r.class_names[:4] == [f"{p.class_names[0]}/rot{a:03d}" for a in (0, 90, 180, 270)]
@@ -255,21 +267,21 @@ def test_rotations_quadruple_the_classes_of_every_split(tmp_path):
 
 
 def test_rotations_for_training_only_leave_val_and_test_unrotated(tmp_path):
-    plain = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
-    rotated = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations="train")
+    plain = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT)
+    rotated = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations="train")
     assert rotated.train.num_classes == 4 * plain.train.num_classes == 48
     assert rotated.train.class_names[1] == f"{plain.train.class_names[0]}/rot090"
     for name in ("val", "test"):
         assert getattr(rotated, name).class_names == getattr(plain, name).class_names  # no "/rotNNN" classes
         assert torch.equal(getattr(rotated, name).images, getattr(plain, name).images)
     # A list of splits, and the names of true/false.
-    some = load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=["train", "val"])
+    some = load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=["train", "val"])
     assert [part.num_classes for _, part in some.items()] == [48, 16, 4]
     for alias, flag in (("all", True), ("none", False)):
-        assert_same_splits(load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=alias),
-                           load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=flag))
+        assert_same_splits(load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=alias),
+                           load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations=flag))
     with pytest.raises(DatasetError, match=r"dataset.rotations must be true, false, all, none, eval .* got 'trian'"):
-        load_glyphs(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations="trian")
+        load(cache_dir=str(tmp_path), **SMALL, split_sizes=SMALL_SPLIT, rotations="trian")
 
 
 def test_an_image_file_of_a_drawing_loads_back_as_the_same_image(small, tmp_path):
@@ -308,9 +320,9 @@ def test_an_image_file_of_a_drawing_loads_back_as_the_same_image(small, tmp_path
 def test_invalid_arguments_raise_dataset_error(tmp_path, kwargs, message):
     args = {**SMALL, "split_sizes": SMALL_SPLIT, **kwargs}
     with pytest.raises(DatasetError, match=message):
-        load_glyphs(cache_dir=str(tmp_path), **args)
+        load(cache_dir=str(tmp_path), **args)
 
 
 def test_generate_glyphs_checks_its_arguments_too():
     with pytest.raises(DatasetError, match="image_size"):
-        generate_glyphs(image_size=4)
+        generate(image_size=4)

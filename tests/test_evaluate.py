@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY, TINY_GLYPHS, run_cli
+from conftest import TINY, TINY_GLYPHS, glyph_generation_options, run_cli
 from metarun import evaluate
 from metarun.build import build_algorithm, build_data
 from metarun.checkpoint import save_model
@@ -261,7 +261,8 @@ def test_protonet_scores_each_episode_of_a_hand_written_file(compose_cfg, tmp_pa
     algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"))
     save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
 
-    glyphs = generate_glyphs(num_alphabets=2, characters_per_alphabet=3, samples_per_class=1)
+    glyphs = generate_glyphs(**glyph_generation_options(num_alphabets=2, characters_per_alphabet=3,
+                                                        samples_per_class=1))
     files = [f"img/{save_png(glyphs.images[c].numpy(), tmp_path / 'img' / f'char{c}.png')}" for c in range(6)]
     episodes = [
         {"support": [[files[c], c] for c in range(3)], "query": [[files[2], 2], [files[0], 0], [files[1], 1]]},

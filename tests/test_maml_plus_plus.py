@@ -112,7 +112,7 @@ def test_more_evaluation_steps_than_training_steps_reuse_the_last_rate_and_batch
     algorithm = maml_pp(Identity3(), inner_steps=2, per_step_inner_lrs=True)
     with torch.no_grad():
         algorithm.inner_lrs["1-weight"].copy_(torch.tensor([0.1, 0.2], dtype=torch.float64))
-    assert [float(algorithm.step_rate("1.weight", s).detach()) for s in range(4)] == [0.1, 0.2, 0.2, 0.2]
+    assert [float(algorithm.inner_rate("1.weight", s).detach()) for s in range(4)] == [0.1, 0.2, 0.2, 0.2]
     bn = PerStepBatchNorm(3, sets=3, per_step_statistics=True, per_step_weights=True, eps=1e-5, momentum=0.1)
     with torch.no_grad():
         bn.weight.copy_(torch.rand(3, 3) + 0.5)
@@ -341,10 +341,10 @@ def test_with_every_switch_off_it_is_maml_bit_for_bit(first_order):
     from metarun.algorithms.gradient import classifier
 
     torch.manual_seed(0)
-    maml = MAML(Conv4(hidden=8), ways=5, inner_lr=0.4, first_order=first_order, inner_steps=2, eval_inner_steps=2,
+    maml = MAML(Conv4(1, 8, 28, "stride", False), ways=5, inner_lr=0.4, first_order=first_order, inner_steps=2, eval_inner_steps=2,
                 **OFF)
     torch.manual_seed(0)
-    plain = l2l.algorithms.MAML(classifier(Conv4(hidden=8), 5), lr=0.4, first_order=first_order)
+    plain = l2l.algorithms.MAML(classifier(Conv4(1, 8, 28, "stride", False), 5), lr=0.4, first_order=first_order)
     plain.load_state_dict(maml.learnable.state_dict())
     assert not [m for m in maml.modules() if isinstance(m, PerStepBatchNorm)] and not hasattr(maml, "inner_lrs") \
         or maml.inner_lrs is None

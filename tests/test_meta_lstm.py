@@ -84,8 +84,8 @@ def linear_task(seed: int = 3) -> Task:
 
 
 def small_conv(hidden: int = 4) -> MetaLSTM:
-    return MetaLSTM(Conv4(hidden=hidden), ways=5, hidden_size=4, input_bias_init=-2.0, forget_bias_init=5.0,
-                    inner_steps=2, eval_inner_steps=2)
+    return MetaLSTM(Conv4(1, hidden, 28, "stride", False), ways=5, hidden_size=4, input_bias_init=-2.0,
+                    forget_bias_init=5.0, inner_steps=2, eval_inner_steps=2)
 
 
 def image_task(ways: int = 5, shots: int = 1, query_shots: int = 2) -> Task:
@@ -284,10 +284,10 @@ def test_meta_test_batchnorm_uses_batch_statistics_not_running_ones():
 
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ConfigError, match="train_ways=3 is smaller than ways=5"):
-        MetaLSTM(MLP(hidden=[8]), ways=5, train_ways=3, hidden_size=4, input_bias_init=-3.0, forget_bias_init=5.0,
+        MetaLSTM(MLP(784, [8]), ways=5, train_ways=3, hidden_size=4, input_bias_init=-3.0, forget_bias_init=5.0,
                  inner_steps=1, eval_inner_steps=1)
     with pytest.raises(ConfigError, match="hidden_size must be >= 1"):
-        MetaLSTM(MLP(hidden=[8]), ways=5, hidden_size=0, input_bias_init=-3.0, forget_bias_init=5.0,
+        MetaLSTM(MLP(784, [8]), ways=5, hidden_size=0, input_bias_init=-3.0, forget_bias_init=5.0,
                  inner_steps=1, eval_inner_steps=1)
 
 

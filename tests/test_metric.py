@@ -123,7 +123,7 @@ def test_cosine_attention_matches_numpy():
 @pytest.mark.parametrize("shots", [1, 3])
 def test_relation_scores_lie_in_unit_interval_and_sum_support_maps(shots):
     torch.manual_seed(0)
-    net = RelationNet(Conv4(hidden=8, image_size=28, pool="max", pooled_blocks=2, pooled_padding=0), ways=4, filters=64, hidden=8,
+    net = RelationNet(Conv4(1, 8, 28, "max", False, pooled_blocks=2, pooled_padding=0), ways=4, filters=64, hidden=8,
                       padding=1)
     labels = torch.arange(4).repeat(shots)
     support = TaskSplit(torch.rand(4 * shots, 1, 28, 28), labels, 4)
@@ -238,7 +238,7 @@ def test_metric_methods_learn_real_omniglot_5w1s(compose_cfg, tmp_path, omniglot
 def test_relation_pairs_put_the_class_maps_first_as_the_authors_code():
     """Each pair is [class maps, query maps] along the channels, scored for every (query, class)."""
     torch.manual_seed(0)
-    net = RelationNet(Conv4(hidden=4, image_size=28, pool="max", pooled_blocks=2, pooled_padding=0), ways=3, filters=64, hidden=8,
+    net = RelationNet(Conv4(1, 4, 28, "max", False, pooled_blocks=2, pooled_padding=0), ways=3, filters=64, hidden=8,
                       padding=1)
     net.eval()
     seen = []

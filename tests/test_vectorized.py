@@ -1,15 +1,20 @@
-"""The vectorised meta-batch (metarun.algorithms.vectorized) against the per-task loop.
+"""The batched meta-batch (metarun.algorithms.vectorized) against the per-task loop.
 
 The parity gate: in float64, on tiny shapes, the vectorised meta-step gives the per-task loop's
 meta-gradient (1e-10 relative to the largest entry), running statistics, metrics, and per-step
 query metrics at evaluation; for 1 and 5 inner steps, first and second order, with BatchNorm. It
 fails on the usual functorch version of the vectorised path with vmap over the fused
 ``F.batch_norm`` (test_the_gate_fails_on_vmap_over_fused_batchnorm), and passes on the same
-vmap version with BatchNorm written from mean, var and rsqrt.
+vmap version with BatchNorm written from mean, var and rsqrt. That vmap engine lives here, in
+the test: nothing in metarun runs it.
+
+The engine knows no algorithm: a gradient-based method defined in this file (``ScaledHeadMAML``)
+is batched through the family's hooks alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import subprocess
@@ -18,17 +23,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import float64
+from metarun._learn2learn import l2l
 from metarun.algorithms import vectorized
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.base import MetaUpdate
+from metarun.algorithms.gradient import GradientBasedAlgorithm, classifier
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.metasgd import MetaSGD
-from metarun.backbones import MLP, Conv4
+from metarun.backbones import MLP, Conv4, SpatialMean
 from metarun.errors import ConfigError
+from metarun.grouped_conv import GroupedConv2d
 from metarun.loop import batchnorm_mode
 from metarun.objectives import Regression
 from metarun.tasks.types import Task, TaskBatch, TaskSplit
@@ -42,7 +51,7 @@ ALL_ON = {"per_step_bn_statistics": True, "per_step_bn_weights": True, "per_step
 
 
 def conv4() -> Conv4:
-    return Conv4(in_channels=1, hidden=4, image_size=8)  # BatchNorm in every block, 8 -> 4 -> 2 -> 1 -> 1
+    return Conv4(in_channels=1, hidden=4, image_size=8, pool="stride", flatten=False)  # BatchNorm in every block, 8 -> 4 -> 2 -> 1 -> 1
 
 
 def maml(steps: int, first_order: bool, vectorize: str = "false", features=None, **switches) -> MAML:
@@ -67,14 +76,11 @@ def tasks(count: int = 4, shape: tuple[int, ...] = (1, 8, 8), shots: int = 1, qu
     return out
 
 
-def meta_step(algorithm, batch, engine: vectorized.Engine | None = None) -> dict:
+def meta_step(algorithm, batch) -> dict:
     """One meta-step with a zero learning rate: metrics, meta-gradients and buffers after it."""
     algorithm.train()
     update = MetaUpdate(torch.optim.SGD(algorithm.parameters(), lr=0.0), grad_clip=None)
-    if engine is None:
-        metrics = algorithm.meta_step(batch, update)
-    else:
-        metrics = vectorized.meta_step(algorithm, batch, update, engine)
+    metrics = algorithm.meta_step(batch, update)
     return {"metrics": metrics,
             "grads": {n: p.grad.detach().clone() for n, p in algorithm.named_parameters() if p.grad is not None},
             "buffers": {n: b.detach().clone() for n, b in algorithm.named_buffers()}}
@@ -88,15 +94,27 @@ def relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(((a[k].double() - b[k].double()).abs().max().item() / scale) for k in a if a[k].is_floating_point())
 
 
-def gate(make, batch=None, engine_options: dict | None = None) -> dict[str, float]:
-    """Relative differences between the per-task loop and the vectorised path (``engine_options``:
-    an Engine's backend), for one meta-step and for per-step evaluation metrics."""
+@contextlib.contextmanager
+def engine_class(engine):
+    """Run the batched path with ``engine`` (an Engine class) in place of metarun's, or as it is (None)."""
+    original = vectorized.Engine
+    vectorized.Engine = engine or original
+    try:
+        yield
+    finally:
+        vectorized.Engine = original
+
+
+def gate(make, batch=None, engine=None) -> dict[str, float]:
+    """Relative differences between the per-task loop and the batched path (``engine``: another
+    Engine class, the vmap one below), for one meta-step and for per-step evaluation metrics."""
     batch = batch if batch is not None else tasks()
     loop = make("false")
     vector = copy.deepcopy(loop)
     vector.vectorize = "true"
-    engine = vectorized.Engine(vector, **engine_options) if engine_options else None
-    expected, got = meta_step(loop, batch), meta_step(vector, batch, engine)
+    expected = meta_step(loop, batch)
+    with engine_class(engine):
+        got = meta_step(vector, batch)
     for name in expected["buffers"]:
         if name.endswith("num_batches_tracked"):
             assert torch.equal(expected["buffers"][name], got["buffers"][name]), name
@@ -111,8 +129,8 @@ def gate(make, batch=None, engine_options: dict | None = None) -> dict[str, floa
         with torch.no_grad(), batchnorm_mode(loop, batch_stats), batchnorm_mode(vector, batch_stats):
             steps = loop.eval_inner_steps
             want = [loop.run_task(task, steps, every_step=True) for task in batch]
-            have = (vectorized.run_batch(vector, batch, steps, True, engine) if engine is not None
-                    else vector.run_tasks(batch, steps, True))
+            with engine_class(engine):
+                have = vector.run_tasks(batch, steps, True)
         for name in ("loss", "accuracy", "predictions"):
             a = {f"{t}/{k}": getattr(r, name) for t, task in enumerate(want) for k, r in enumerate(task)
                  if getattr(r, name) is not None}
@@ -126,6 +144,124 @@ def gate(make, batch=None, engine_options: dict | None = None) -> dict[str, floa
 def assert_parity(errors: dict[str, float]) -> None:
     failed = {k: v for k, v in errors.items() if not v <= TOLERANCE}
     assert not failed, f"vectorised != per-task loop beyond {TOLERANCE:g} (relative): {failed}"
+
+
+# ---- the usual functorch version, to measure the gate against ------------------------------
+
+
+class VmapEngine(vectorized.Engine):
+    """:meth:`vectorized.Engine.run` as one task's adaptation (``torch.func.grad`` for the inner
+    gradient) under ``torch.func.vmap``: the usual functorch MAML. BatchNorm is written from mean,
+    var and rsqrt, which is exact; :class:`FusedVmapEngine` uses the fused ``F.batch_norm``."""
+
+    fused_batchnorm = False
+
+    def run(self, batch, steps, scored, fold):
+        algorithm = self.algorithm
+        meta_gradients = torch.is_grad_enabled()
+        scored = set(scored)
+        ways = batch.ways
+        records: list[tuple[nn.Module, int]] = []  # (layer, row) of every recorded pass, in task order
+        keep = fold is not None
+        start = {name: self.meta[name] if meta_gradients else self.meta[name].detach() for name in self.names}
+
+        def task(params, support_x, support_y, query_x, query_y):
+            stats, outputs = [], []
+            if self.backbone is not None:
+                support_x = self.single(self.backbone, support_x, {}, 0, stats if keep else [], records if keep else [])
+            query_features = None
+
+            def support_loss(p, step):
+                inner_stats = []
+                predictions = self.single(self.root, support_x, p, step, inner_stats, records if keep else [])
+                return self.objective.losses(predictions[None], support_y[None], ways)[0], inner_stats
+
+            for step in range(steps + 1):
+                if step in scored:
+                    inputs = query_x
+                    if self.backbone is not None:
+                        if query_features is None:
+                            query_features = self.single(self.backbone, query_x, {}, 0, stats if keep else [],
+                                                         records if keep else [])
+                        inputs = query_features
+                    passes = keep and step == fold and self.backbone is None
+                    outputs.append(self.single(self.root, inputs, params, step, stats if passes else [],
+                                               records if passes else []))
+                if step == steps:
+                    break
+                grads, inner_stats = torch.func.grad(support_loss, has_aux=True)(params, step)
+                if keep:
+                    stats.extend(inner_stats)
+                if algorithm.first_order_at(step) or not meta_gradients:
+                    grads = {name: g.detach() for name, g in grads.items()}
+                params = {name: params[name] + (-self.rate(name, step)) * grads[name] for name in self.names}
+            return tuple(outputs), tuple(stats)
+
+        # torch.func.grad differentiates inside even under an outer no_grad (evaluation).
+        outputs, stats = torch.func.vmap(task, in_dims=(None, 0, 0, 0, 0))(
+            start, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        outcome = vectorized.Outcome()
+        for step, predictions in zip(sorted(scored), outputs, strict=True):
+            outcome.scored[step] = self.objective.results(predictions, batch.query_y, ways)
+        for (bn, row), (mean, var) in zip(records, stats, strict=True):
+            outcome.statistics.setdefault((bn, row), []).append((mean, var))
+            outcome.passes[bn] = outcome.passes.get(bn, 0) + 1
+        return outcome
+
+    def single(self, module, x, fast, step, stats, records):
+        """``module`` on one task ``x [n, ...]`` (the body of the vmap)."""
+        plain = vectorized._plain
+        if plain(module, nn.Sequential):
+            for child in module:
+                x = self.single(child, x, fast, step, stats, records)
+            return x
+        if plain(module, nn.Conv2d):
+            return F.conv2d(x, self._param(module, "weight", fast), self._param(module, "bias", fast),
+                            module.stride, module.padding, module.dilation)
+        if plain(module, nn.Linear):
+            return F.linear(x, self._param(module, "weight", fast), self._param(module, "bias", fast))
+        if any(plain(module, cls) for cls in vectorized.BATCHNORMS):
+            row, (w, _), (b, _), mean, var, batch_statistics, record = self._bn_parts(module, step, fast)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            dims = [0, *range(2, x.dim())]
+            if batch_statistics:
+                count = x.numel() // x.shape[1]
+                if self.fused_batchnorm:
+                    y = F.batch_norm(x, None, None, w, b, True, 0.0, module.eps)
+                    batch_mean = x.detach().mean(dims)
+                    biased = x.detach().var(dims, unbiased=False)
+                else:
+                    batch_mean = x.mean(dims, keepdim=True)
+                    centred = x - batch_mean
+                    biased = (centred * centred).mean(dims, keepdim=True)
+                    y = centred * torch.rsqrt(biased + module.eps)
+                    if w is not None:
+                        y = y * w.view(shape) + b.view(shape)
+                    batch_mean, biased = batch_mean.detach().flatten(), biased.detach().flatten()
+                if record:
+                    stats.append((batch_mean, biased * (count / max(count - 1, 1))))
+                    records.append((module, row))
+                return y
+            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+            return y if w is None else y * w.view(shape) + b.view(shape)
+        if plain(module, nn.ReLU):
+            return F.relu(x)
+        if plain(module, nn.MaxPool2d):
+            return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                                ceil_mode=module.ceil_mode)
+        if plain(module, nn.Flatten):
+            return x.flatten(1)
+        if plain(module, SpatialMean):
+            return x.mean(dim=(2, 3))
+        if plain(module, nn.Identity):
+            return x
+        raise TypeError(f"not vectorisable: {module}")
+
+
+class FusedVmapEngine(VmapEngine):
+    """vmap over the fused ``F.batch_norm``: silently wrong second-order meta-gradients."""
+
+    fused_batchnorm = True
 
 
 # ---- the parity gate ------------------------------------------------------------------------
@@ -143,8 +279,8 @@ def test_the_gate_fails_on_vmap_over_fused_batchnorm(first_order):
     written from mean, var and rsqrt, and wrong in second order with the fused F.batch_norm: a
     convolution bias before BatchNorm gets a meta-gradient where the true one is 0."""
     make = lambda vectorize: maml(1, first_order, vectorize)  # noqa: E731
-    assert_parity(gate(make, engine_options={"backend": "vmap", "batchnorm": "explicit"}))
-    errors = gate(make, engine_options={"backend": "vmap", "batchnorm": "fused"})
+    assert_parity(gate(make, engine=VmapEngine))
+    errors = gate(make, engine=FusedVmapEngine)
     if first_order:  # no double backward through BatchNorm: the fused version is right here
         assert_parity(errors)
         return
@@ -199,7 +335,7 @@ def test_the_grouped_convolution_is_twice_differentiable(stride, padding, dilati
     groups = 2
     x = torch.randn(2, groups * 3, 8, 9, dtype=torch.float64, generator=generator).requires_grad_()
     w = torch.randn(groups * 2, 3, 3, 3, dtype=torch.float64, generator=generator).requires_grad_()
-    conv = lambda x, w: vectorized.GroupedConv2d.apply(x, w, stride, padding, dilation, groups)  # noqa: E731
+    conv = lambda x, w: GroupedConv2d.apply(x, w, stride, padding, dilation, groups)  # noqa: E731
     expected = nn.functional.conv2d(x, w, None, stride, padding, dilation, groups)
     assert torch.allclose(conv(x, w), expected, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(conv, (x, w))
@@ -209,10 +345,10 @@ def test_the_grouped_convolution_is_twice_differentiable(stride, padding, dilati
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 def test_second_order_steps_run_the_grouped_convolution(first_order, monkeypatch):
     calls = []
-    original = vectorized.GroupedConv2d.apply
-    monkeypatch.setattr(vectorized.GroupedConv2d, "apply", lambda *args: calls.append(1) or original(*args))
+    original = GroupedConv2d.apply
+    monkeypatch.setattr(GroupedConv2d, "apply", lambda *args: calls.append(1) or original(*args))
     algorithm = maml(1, first_order, "true")
-    meta_step(algorithm, tasks(), vectorized.Engine(algorithm))
+    meta_step(algorithm, tasks())
     assert (len(calls) > 0) == (not first_order)
 
 
@@ -241,6 +377,66 @@ def test_the_gate_can_fail():
     assert errors["running statistics"] > 1e-3
 
 
+# ---- a new method on the batched path, without touching vectorized.py ------------------------
+
+
+class HeadOnlyDecayingMAML(GradientBasedAlgorithm):
+    """A gradient-based method that exists only here: the inner loop adapts the linear head and
+    the last convolution, at a rate that halves every step, and the training loss weighs every
+    step's query loss equally. It overrides hooks only, so the engine batches it as it is."""
+
+    def __init__(self, features, ways, inner_lr, inner_steps, vectorize):
+        super().__init__(ways, inner_lr, False, inner_steps, inner_steps, None, None, vectorize)
+        self.learnable = l2l.algorithms.MAML(classifier(features, self.head_outputs), lr=inner_lr)
+
+    def adapted_parameters(self, module):
+        last_conv = [name for name, m in module.named_modules() if isinstance(m, nn.Conv2d)][-1]
+        return [(name, p) for name, p in module.named_parameters() if name.startswith(("1.", last_conv))]
+
+    def inner_rate(self, name, step):
+        return self.inner_lr * 0.5 ** step
+
+    def step_loss_weights(self):
+        return [1.0 / self.inner_steps] * self.inner_steps
+
+    def first_order_at(self, step):
+        return step > 0  # second order through the first step only
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_method_that_fits_the_hooks_is_batched_exactly(steps):
+    def make(vectorize):
+        with float64():
+            return HeadOnlyDecayingMAML(conv4(), WAYS, 0.3, steps, vectorize)
+
+    algorithm = make("auto")
+    assert algorithm.batchable and vectorized.choose(algorithm, tasks(), "meta-training")
+    errors = gate(make)
+    assert_parity(errors)
+    grads = meta_step(make("true"), tasks())["grads"]
+    # The first convolution is not adapted, and still gets its meta-gradient (through the
+    # second-order first step), while the step weights reach every step's query loss.
+    assert grads["learnable.module.0.blocks.0.weight"].abs().sum() > 0
+
+
+class OwnTrajectoryMAML(MAML):
+    """A subclass that changes the per-task path itself: the engine cannot know what it does."""
+
+    def trajectory(self, support, steps):
+        yield from super().trajectory(support, steps)
+
+
+def test_a_subclass_that_overrides_what_the_engine_replaces_is_not_batched():
+    with float64():
+        algorithm = OwnTrajectoryMAML(conv4(), ways=WAYS, inner_lr=0.3, first_order=False, inner_steps=1,
+                                      eval_inner_steps=1, vectorize="auto", **OFF)
+    assert not OwnTrajectoryMAML.batchable and MAML.batchable
+    assert not vectorized.choose(algorithm, tasks(), "meta-training")
+    algorithm.vectorize = "true"
+    with pytest.raises(ConfigError, match="OwnTrajectoryMAML overrides trajectory"):
+        vectorized.choose(algorithm, tasks(), "meta-training")
+
+
 # ---- vectorize=auto|true|false ---------------------------------------------------------------
 
 
@@ -255,20 +451,20 @@ def test_auto_falls_back_to_the_per_task_loop_where_it_cannot_vectorise(caplog):
     batch = tasks()
     with caplog.at_level(logging.INFO, logger="metarun.algorithms.vectorized"):
         assert vectorized.choose(maml(1, False, "auto"), batch, "meta-training")
-        assert not vectorized.choose(maml(1, False, "auto", features=Dropout4(1, 4, 8)), batch, "meta-training")
+        assert not vectorized.choose(maml(1, False, "auto", features=Dropout4(1, 4, 8, "stride", False)), batch, "meta-training")
         assert not vectorized.choose(maml(1, False, "false"), batch, "meta-training")
     messages = [r.getMessage() for r in caplog.records]
     assert any("vectorised meta-batch" in m for m in messages), messages
     assert any("per-task loop" in m and "Dropout4" in m for m in messages), messages
     with pytest.raises(ConfigError, match="cannot be vectorised"):
-        vectorized.choose(maml(1, False, "true", features=Dropout4(1, 4, 8)), batch, "meta-training")
+        vectorized.choose(maml(1, False, "true", features=Dropout4(1, 4, 8, "stride", False)), batch, "meta-training")
     mixed = [batch[0], Task(batch[1].support, TaskSplit(batch[1].query.x[:2], batch[1].query.y[:2], WAYS))]
     assert not vectorized.choose(maml(1, False, "auto"), mixed, "evaluation")
 
 
 def test_auto_keeps_the_per_task_loop_for_large_cpu_batches():
     """On a CPU, 15 queries per class at 28x28 measured slower vectorised (docs/results.md)."""
-    algorithm = maml(1, False, "auto", features=Conv4())
+    algorithm = maml(1, False, "auto", features=Conv4(1, 64, 28, "stride", False))
     small = tasks(2, (1, 28, 28), query_shots=1)
     large = tasks(2, (1, 28, 28), query_shots=15)
     assert vectorized.choose(algorithm, small, "meta-training")

@@ -17,7 +17,14 @@ from torch import nn
 from metarun.errors import ConfigError
 
 
-class Conv4(nn.Module):
+class SpatialMean(nn.Module):
+    """The mean over the spatial dimensions: ``[B, C, H, W] -> [B, C]`` (MAML's Omniglot readout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class Conv4(nn.Sequential):
     """The 4-block convolutional network of Vinyals et al. (2016), as used by MAML (Finn et al. 2017).
 
     Each block is 3x3 conv -> BatchNorm -> ReLU, then either a stride-2 convolution (MAML's
@@ -36,12 +43,16 @@ class Conv4(nn.Module):
         pooled_padding: padding of the downsampling blocks' convolutions (Sung et al.: 0); the
             other blocks pad by 1.
 
+    The values of the paper networks are in conf/backbone/ (conv4, conv4_84, conv4_relation), once:
+    only ``pooled_blocks`` and ``pooled_padding`` have Python defaults, the layout of every config but
+    the Relation Network's, which sets its own.
+
     Shapes: ``[B, in_channels, image_size, image_size] -> [B, out_features]``;
     ``feature_maps``: ``-> [B, hidden, side, side]`` (``map_shape``).
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
-                 pool: str = "stride", flatten: bool = False, pooled_blocks: int = 4, pooled_padding: int = 1) -> None:
+    def __init__(self, in_channels: int, hidden: int, image_size: int, pool: str, flatten: bool,
+                 pooled_blocks: int = 4, pooled_padding: int = 1) -> None:
         super().__init__()
         if pool not in ("stride", "max"):
             raise ConfigError(f"backbone.pool must be 'stride' or 'max', got {pool!r}")
@@ -69,8 +80,10 @@ class Conv4(nn.Module):
             channels = hidden
         if side < 1:
             raise ConfigError(f"backbone.image_size={image_size} is too small for this Conv4; use larger images")
+        # Two children, run in order by nn.Sequential: the blocks, then the readout. Being a plain
+        # Sequential of standard layers is what lets the batched meta-batch run it (vectorized.py).
         self.blocks = nn.Sequential(*blocks)
-        self.flatten = flatten
+        self.readout = nn.Flatten() if flatten else SpatialMean()
         self.map_shape = (hidden, side, side)
         self.out_features = hidden * side * side if flatten else hidden
 
@@ -78,12 +91,9 @@ class Conv4(nn.Module):
         """``[B, C, H, W] -> [B, *map_shape]``: the last block's maps, before pooling."""
         return self.blocks(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.blocks(x)
-        return maps.flatten(1) if self.flatten else maps.mean(dim=(2, 3))
 
 
-class MLP(nn.Module):
+class MLP(nn.Sequential):
     """MAML's fully connected networks (Finn et al. 2017): the "non-convolutional" Omniglot network
     (256-128-64-64 with BatchNorm and ReLU) and the sinusoid regressor's features (1-40-40, ReLU,
     no BatchNorm; the algorithm's linear head makes it 1-40-40-1).
@@ -94,11 +104,13 @@ class MLP(nn.Module):
         batch_norm: BatchNorm after every linear layer (the Omniglot network); the sinusoid
             network has none.
 
+    The values are in conf/backbone/mlp.yaml and mlp_sinusoid.yaml, once: only ``batch_norm`` has a
+    Python default, the Omniglot network's, which the sinusoid config turns off.
+
     Shapes: ``[B, C, H, W]`` (or ``[B, in_features]``) ``-> [B, hidden[-1]]``.
     """
 
-    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] | list[int] = (256, 128, 64, 64),
-                 batch_norm: bool = True) -> None:
+    def __init__(self, in_features: int, hidden: tuple[int, ...] | list[int], batch_norm: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         size = in_features
@@ -112,6 +124,3 @@ class MLP(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, ...] -> [B, out_features, 1, 1]``: the features as 1x1 maps."""
         return self.layers(x)[:, :, None, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)

@@ -18,9 +18,15 @@ from metarun.errors import ConfigError, one_line
 
 # Settings that say where things are and how the job runs, never what it computes (a key, or a
 # prefix ending in "."): a resumed run may change them, and they name neither an evaluation nor a
-# table row. conf/config.yaml's hydra.job.config.override_dirname.exclude_keys lists them too.
+# table row.
 JOB_KEYS = ("device", "threads", "keep_freed_memory", "console", "wandb.", "dataset.root", "dataset.download",
             "dataset.cache_dir")
+
+# Settings that name no multirun job directory: the job keys, the seed (the job number tells the repetitions
+# apart) and where a run writes or resumes from. conf/config.yaml's hydra.job.config.override_dirname.exclude_keys
+# is this list with each prefix written out as the keys under it (Hydra matches whole keys; a test checks that the
+# two are equal); metarun-table's RUNTIME_KEYS start from it.
+UNNAMED_KEYS = ("seed", "resume", "output_dir", *JOB_KEYS)
 
 
 @dataclass

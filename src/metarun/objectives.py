@@ -53,12 +53,24 @@ class TaskResult:
     curves: dict[str, Curve] | None = None
 
 
-def classification_result(logits: torch.Tensor, labels: torch.Tensor) -> TaskResult:
-    """Cross-entropy and accuracy of ``logits [n, ways]`` against ``labels [n]``; the predictions
-    are the class probabilities."""
-    loss = nn.functional.cross_entropy(logits, labels)
-    accuracy = (logits.argmax(dim=1) == labels).float().mean()
-    return TaskResult(loss=loss, accuracy=accuracy, predictions=logits.detach().softmax(dim=1))
+@dataclass
+class BatchResult:
+    """Query metrics of ``T`` learners on their ``T`` tasks, stacked (what :meth:`Objective.results`
+    gives; :meth:`task` is one task's :class:`TaskResult`).
+
+    Attributes:
+        loss: ``[T]``, differentiable w.r.t. the meta-parameters when gradients are enabled.
+        accuracy: ``[T]`` in [0, 1], or None (regression).
+        predictions: ``[T, n, ways]`` class probabilities or ``[T, n, dim]`` outputs, detached.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor | None
+    predictions: torch.Tensor
+
+    def task(self, index: int) -> TaskResult:
+        return TaskResult(self.loss[index], None if self.accuracy is None else self.accuracy[index],
+                          self.predictions[index])
 
 
 class Objective(ABC):
@@ -90,12 +102,23 @@ class Objective(ABC):
         """Outputs a prediction head needs for tasks of at most ``ways`` classes."""
 
     @abstractmethod
-    def loss(self, predictions: torch.Tensor, split: TaskSplit) -> torch.Tensor:
-        """Scalar training loss of ``predictions [n, outputs]`` on ``split``."""
+    def losses(self, predictions: torch.Tensor, y: torch.Tensor, ways: int) -> torch.Tensor:
+        """Per-task training loss ``[T]`` of ``predictions [T, n, outputs]`` against ``y [T, n, ...]``
+        for ``T`` tasks of ``ways`` classes. The one definition of the loss: the per-task path
+        (:meth:`loss`, ``T = 1``) and the batched meta-batch use it alike (``T = 1`` reduces with
+        the loss function's own mean, which a per-row mean matches only to rounding)."""
 
     @abstractmethod
+    def results(self, predictions: torch.Tensor, y: torch.Tensor, ways: int) -> BatchResult:
+        """Loss and metrics of ``T`` tasks at once: ``predictions [T, n, outputs]``, ``y [T, n, ...]``."""
+
+    def loss(self, predictions: torch.Tensor, split: TaskSplit) -> torch.Tensor:
+        """Scalar training loss of one task's ``predictions [n, outputs]`` on ``split``."""
+        return self.losses(predictions.unsqueeze(0), split.y.unsqueeze(0), split.ways)[0]
+
     def result(self, predictions: torch.Tensor, split: TaskSplit) -> TaskResult:
-        """Loss and metrics of ``predictions [n, outputs]`` on ``split``."""
+        """Loss and metrics of one task's ``predictions [n, outputs]`` on ``split``."""
+        return self.results(predictions.unsqueeze(0), split.y.unsqueeze(0), split.ways).task(0)
 
     @abstractmethod
     def ensemble(self, members: list[TaskResult], split: TaskSplit) -> TaskResult:
@@ -119,11 +142,17 @@ class Classification(Objective):
     def outputs(self, ways: int) -> int:
         return ways
 
-    def loss(self, predictions: torch.Tensor, split: TaskSplit) -> torch.Tensor:
-        return nn.functional.cross_entropy(predictions[:, : split.ways], split.y)
+    def losses(self, predictions: torch.Tensor, y: torch.Tensor, ways: int) -> torch.Tensor:
+        tasks, n = y.shape[:2]
+        if tasks == 1:  # cross_entropy's own mean: bit for bit the loss learn2learn's MAML minimises
+            return nn.functional.cross_entropy(predictions[0, :, :ways], y[0]).unsqueeze(0)
+        logits = predictions[..., :ways].reshape(tasks * n, ways)
+        return nn.functional.cross_entropy(logits, y.reshape(tasks * n), reduction="none").view(tasks, n).mean(1)
 
-    def result(self, predictions: torch.Tensor, split: TaskSplit) -> TaskResult:
-        return classification_result(predictions[:, : split.ways], split.y)
+    def results(self, predictions: torch.Tensor, y: torch.Tensor, ways: int) -> BatchResult:
+        logits = predictions[..., :ways]
+        accuracy = (logits.argmax(dim=-1) == y).float().mean(-1)
+        return BatchResult(self.losses(predictions, y, ways), accuracy, logits.detach().softmax(dim=-1))
 
     def ensemble(self, members: list[TaskResult], split: TaskSplit) -> TaskResult:
         """Accuracy of the mean class scores; the loss is the members' mean loss (class scores
@@ -151,12 +180,20 @@ class Regression(Objective):
     def outputs(self, ways: int) -> int:
         return self.dim
 
-    def loss(self, predictions: torch.Tensor, split: TaskSplit) -> torch.Tensor:
-        return nn.functional.mse_loss(predictions, split.y)
+    def losses(self, predictions: torch.Tensor, y: torch.Tensor, ways: int) -> torch.Tensor:
+        if len(y) == 1:  # mse_loss's own mean, as for one task before batching
+            return nn.functional.mse_loss(predictions[0], y[0]).unsqueeze(0)
+        return nn.functional.mse_loss(predictions, y, reduction="none").flatten(1).mean(1)
 
-    def result(self, predictions: torch.Tensor, split: TaskSplit) -> TaskResult:
-        return TaskResult(loss=self.loss(predictions, split), accuracy=None, predictions=predictions.detach())
+    def results(self, predictions: torch.Tensor, y: torch.Tensor, ways: int) -> BatchResult:
+        return BatchResult(self.losses(predictions, y, ways), None, predictions.detach())
 
     def ensemble(self, members: list[TaskResult], split: TaskSplit) -> TaskResult:
         """The MSE of the members' mean prediction."""
         return self.result(torch.stack([m.predictions for m in members]).mean(0), split)
+
+
+def classification_result(logits: torch.Tensor, labels: torch.Tensor) -> TaskResult:
+    """Cross-entropy and accuracy of ``logits [n, ways]`` against ``labels [n]`` (every logit is a
+    class of the task); the predictions are the class probabilities."""
+    return Classification().results(logits.unsqueeze(0), labels.unsqueeze(0), logits.shape[-1]).task(0)

@@ -49,10 +49,12 @@ from typing import Any
 
 import yaml
 
-from metarun.config import JOB_KEYS
+from metarun.config import UNNAMED_KEYS
 
 # Overrides that say where things are or how a job runs, not what it computes: they do not split rows.
-RUNTIME_KEYS = ("seed", "experiment", "iterations", "resume", "output_dir", *JOB_KEYS, "hydra.", "hydra/")
+# Besides the keys that name no job directory (metarun.config.UNNAMED_KEYS): the preset and the length of the
+# run are columns of the row, and Hydra's own settings.
+RUNTIME_KEYS = (*UNNAMED_KEYS, "experiment", "iterations", "hydra.", "hydra/")
 
 VERDICT_DEFINITION = (
     "within: the reproduced mean lies in published mean ± published CI; above/below: outside it. Where the "
@@ -101,7 +103,7 @@ def preset_iterations(name: str) -> int | None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    # The run schema is registered: importing metarun.config (for JOB_KEYS, above) did it.
+    # The run schema is registered: importing metarun.config (for UNNAMED_KEYS, above) did it.
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -147,6 +149,13 @@ def _job_preset(job: Path, overrides: list[str]) -> str | None:
     return None
 
 
+@functools.cache
+def default_ci_z() -> float:
+    """conf/config.yaml's ``eval.ci_z``, where its value is declared once: the z of a run whose saved config
+    has none, and the one an empty table names."""
+    return float(yaml.safe_load((config_dir() / "config.yaml").read_text())["eval"]["ci_z"])
+
+
 def read_run(results_path: Path) -> Run:
     results = json.loads(results_path.read_text())
     job = results_path.parent
@@ -164,7 +173,7 @@ def read_run(results_path: Path) -> Run:
         metric=metric,
         mean=scale * float(results[f"test/{metric}_mean"]),
         ci=scale * float(results.get(f"test/{metric}_ci95", float("nan"))),
-        ci_z=float(config.get("eval", {}).get("ci_z", 1.96)),
+        ci_z=float((config.get("eval") or {}).get("ci_z") or default_ci_z()),
         iterations=int(config.get("iterations", 0)),
         curve=[scale * float(v) for v in curve],
         wall_seconds=float(results.get("wall_seconds", results.get("train_seconds", float("nan")))),
@@ -320,7 +329,7 @@ def write_markdown(rows: Sequence[Row], path: Path, source: str) -> None:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
-    z = rows[0].runs[0].ci_z if rows else 1.96
+    z = rows[0].runs[0].ci_z if rows else default_ci_z()
     text = [
         "# metarun-table",
         "",

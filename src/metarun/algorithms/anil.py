@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
@@ -39,10 +38,7 @@ class ANIL(GradientBasedAlgorithm):
         self.learnable = l2l.algorithms.MAML(nn.Linear(features.out_features, self.head_outputs), lr=inner_lr,
                                              first_order=first_order)
 
-    def inner_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in the caller's grad mode: in meta-training the head's adaptation then carries
-        # the meta-gradient into the backbone, as in the paper.
-        return self.features(x)  # [B, out_features]
-
-    def learner(self, adapted: nn.Module) -> nn.Module:
-        return nn.Sequential(self.features, adapted)
+    def frozen_features(self) -> nn.Module:
+        """The backbone ``[B, C, H, W] -> [B, out_features]``: support features are computed once
+        per task, and in meta-training the head's adaptation carries the meta-gradient into it."""
+        return self.features

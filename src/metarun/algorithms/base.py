@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from metarun.errors import ConfigError, NonFiniteLossError
-from metarun.objectives import TaskResult
+from metarun.objectives import Objective, TaskResult
 from metarun.tasks.types import Task, TaskSplit
 
 
@@ -105,6 +105,19 @@ class MetaUpdate:
         if not math.isfinite(out[0]):
             raise NonFiniteLossError(f"meta-training loss is {out[0]}")
         return out
+
+    def report(self, loss: torch.Tensor, accuracy: torch.Tensor | None = None,
+               parts: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """The metrics a meta-step returns, read in one host read (:meth:`read`, so a non-finite
+        ``loss`` raises): ``train/loss``, ``train/acc`` when there is an accuracy, and
+        ``train/<name>`` for each of ``parts`` (the terms of a composite loss)."""
+        names = list(parts or {})
+        loss_value, accuracy_value, *part_values = self.read(loss, accuracy, *((parts or {})[n] for n in names))
+        metrics = {"train/loss": loss_value}
+        if accuracy_value is not None:
+            metrics["train/acc"] = accuracy_value
+        metrics.update({f"train/{name}": value for name, value in zip(names, part_values, strict=True)})
+        return metrics
 
     def step(self, parameters: Iterable[nn.Parameter]) -> None:
         """Clip (when configured) and apply the optimizer to the accumulated ``.grad``."""
@@ -208,13 +221,31 @@ class Algorithm(nn.Module, ABC):
             losses.append(loss.detach())
             if result.accuracy is not None:
                 accuracies.append(result.accuracy.detach())
-        accuracy = torch.stack(accuracies).mean() if accuracies else None
-        loss_value, accuracy_value = update.read(torch.stack(losses).mean(), accuracy)
+        metrics = update.report(torch.stack(losses).mean(), torch.stack(accuracies).mean() if accuracies else None)
         update.step(self.parameters())
-        metrics = {"train/loss": loss_value}
-        if accuracy_value is not None:
-            metrics["train/acc"] = accuracy_value
         return metrics
+
+    @staticmethod
+    def output_units(ways: int, train_ways: int | None, objective: Objective, what: str) -> int:
+        """Units of a head (or of a method's per-class state) that serves tasks of ``ways`` and
+        ``train_ways`` classes: one per class of the largest task, ``max(ways, train_ways)`` (an
+        N-way task reads the first N), or the regression target's dimension.
+
+        Raises:
+            ConfigError: ``train_ways < ways``: the units past ``train_ways`` would never be
+                trained. ``what`` names the method in the message.
+        """
+        if train_ways is not None and train_ways < ways:
+            raise ConfigError(f"train_ways={train_ways} is smaller than ways={ways}: the outputs past {train_ways} "
+                              f"would never be trained; use train_ways >= ways for {what}")
+        return objective.outputs(max(ways, train_ways or ways))
+
+    @staticmethod
+    def unchanged(learner: nn.Module, steps: int) -> Iterator[nn.Module]:
+        """The trajectory of a method without an inner loop: ``learner`` after every one of the
+        ``steps + 1`` positions (metric-, memory- and model-based methods)."""
+        for _ in range(steps + 1):
+            yield learner
 
     def on_iteration(self, iteration: int, iterations: int) -> None:
         """Called by the loop before meta-update ``iteration + 1`` of ``iterations`` (``iteration``

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
-from metarun.algorithms.base import private_buffers
 from metarun.algorithms.gradient import GradientBasedAlgorithm, classifier
 from metarun.algorithms.maml_plus_plus import (
     PerStepBatchNorm,
@@ -15,8 +14,7 @@ from metarun.algorithms.maml_plus_plus import (
     use_per_step_batchnorm,
 )
 from metarun.errors import ConfigError
-from metarun.objectives import Objective, TaskResult
-from metarun.tasks.types import Task
+from metarun.objectives import Objective
 
 
 class MAML(GradientBasedAlgorithm):
@@ -73,7 +71,8 @@ class MAML(GradientBasedAlgorithm):
             then on the loss is the last step's (the authors: 10 epochs of 500 iterations).
         first_order_iterations: DA: first-order meta-updates before switching to second order.
         vectorize: ``auto``, ``true`` or ``false``: run the meta-batch all at once
-            (:mod:`metarun.algorithms.vectorized`; every MAML++ switch included).
+            (:mod:`metarun.algorithms.vectorized`, through the family's hooks; every MAML++
+            switch included).
         train_ways: ways of meta-training tasks (``None``: ``ways``).
         objective: the task's loss and metrics (default: classification).
     """
@@ -90,7 +89,6 @@ class MAML(GradientBasedAlgorithm):
         if msl_anneal_iterations < 0 or first_order_iterations < 0:
             raise ConfigError(f"algorithm.msl_anneal_iterations and first_order_iterations must be >= 0, got "
                               f"{msl_anneal_iterations}/{first_order_iterations}")
-        self.inner_lr = inner_lr
         self.per_step_bn_weights = per_step_bn_weights
         self.multi_step_loss = multi_step_loss
         self.msl_anneal_iterations = msl_anneal_iterations
@@ -117,9 +115,10 @@ class MAML(GradientBasedAlgorithm):
         if self.multi_step_loss and self.inner_steps > 0:
             self.step_weights = multi_step_loss_weights(self.inner_steps, iteration, self.msl_anneal_iterations)
 
+    # -- the hooks of the gradient-based family (both paths read them) --------------------------
+
     def adapted_parameters(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        """The ``(name, tensor)`` of ``module``'s parameters that the inner loop updates: all of
-        them but per-step BatchNorm scales and shifts."""
+        """All parameters of ``module`` but per-step BatchNorm scales and shifts (meta-learned only)."""
         adapted = []
         for prefix, owner in module.named_modules():
             if isinstance(owner, PerStepBatchNorm) and owner.per_step_weights:
@@ -129,44 +128,12 @@ class MAML(GradientBasedAlgorithm):
                     adapted.append((f"{prefix}.{name}" if prefix else name, parameter))
         return adapted
 
-    def step_rate(self, name: str, step: int) -> float | torch.Tensor:
-        """The inner learning rate of parameter ``name`` at step ``step`` (0-based)."""
+    def inner_rate(self, name: str, step: int) -> float | torch.Tensor:
+        """``inner_lr``, or with LSLR the learned rate of parameter ``name`` at step ``step``."""
         if self.inner_lrs is None:
             return self.inner_lr
         rates = self.inner_lrs[rate_key(name)]
         return rates[min(step, len(rates) - 1)]
 
-    def inner_update(self, adapted: nn.Module, loss: torch.Tensor, step: int, first_order: bool) -> None:
-        if self.inner_lrs is None and not self.per_step_bn_weights:
-            super().inner_update(adapted, loss, step, first_order)  # MAML's step, exactly
-            return
-        # learn2learn's update, on the adapted parameters only, each with its own rate.
-        named = self.adapted_parameters(adapted.module)
-        grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=not first_order,
-                                    create_graph=not first_order)
-        for (name, parameter), grad in zip(named, grads, strict=True):
-            parameter.update = -self.step_rate(name, step) * grad
-        l2l.utils.update_module(adapted.module)
-
-    def enter_step(self, adapted: nn.Module, step: int) -> None:
-        for module in adapted.modules():
-            if isinstance(module, PerStepBatchNorm):
-                module.step = step
-
-    def train_task(self, task: Task) -> tuple[torch.Tensor, TaskResult]:
-        weights = self.step_weights
-        if weights is None or not any(weights[:-1]):
-            return super().train_task(task)  # the last step's query loss alone
-        losses = []
-        result = None
-        with private_buffers(self, keep=True):
-            for step, learner in enumerate(self.trajectory(task.support, self.inner_steps)):
-                if step == 0 or weights[step - 1] == 0:
-                    continue
-                if step < self.inner_steps:
-                    with private_buffers(learner):  # only the last query pass folds statistics
-                        result = self.score(learner, task.query)
-                else:
-                    result = self.score(learner, task.query)
-                losses.append(weights[step - 1] * result.loss)
-        return sum(losses), result
+    def step_loss_weights(self) -> list[float] | None:
+        return self.step_weights

@@ -54,7 +54,7 @@ class PerStepBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     The set used is row ``min(step, sets - 1)`` of ``running_mean``/``running_var`` (``[sets, C]``)
     and of ``weight``/``bias`` (``[sets, C]``), where ``step`` is the attribute that
-    :meth:`MAMLPlusPlus.enter_step` sets on the adapting copy before it runs: the number of
+    :meth:`GradientBasedAlgorithm.enter_step` sets on the adapting copy before it runs: the number of
     adaptation steps its weights have had. Without per-step statistics (or weights) those are the
     usual ``[C]`` tensors, shared by every step. Everything else is ``nn.BatchNorm``'s: training
     mode normalises with the batch's statistics and folds them into the running ones with

@@ -240,11 +240,8 @@ class MANN(Algorithm):
                               f"memory_slots >= reads, got memory_slots={memory_slots}")
         if not 0.0 <= gamma <= 1.0:
             raise ConfigError(f"algorithm.gamma (usage decay) must be in [0, 1], got {gamma}")
-        if train_ways is not None and train_ways < ways:
-            raise ConfigError(f"train_ways={train_ways} is smaller than ways={ways}: the label units and outputs "
-                              f"past {train_ways} would never be trained; use train_ways >= ways for MANN")
         self.features = features
-        self.classes = max(ways, train_ways or ways)
+        self.classes = self.output_units(ways, train_ways, Classification(), "MANN")  # label units and outputs
         self.slots, self.slot_size, self.reads, self.gamma = memory_slots, memory_size, reads, gamma
         read_size = reads * memory_size
         self.controller = nn.LSTMCell(features.out_features + self.classes + read_size, controller_size)
@@ -336,17 +333,14 @@ class MANN(Algorithm):
         loss = torch.stack([loss for loss, _ in results]).mean()
         loss.backward()
         accuracy = torch.stack([r.accuracy for _, r in results]).mean()
-        loss_value, accuracy_value = update.read(loss, accuracy)
+        metrics = update.report(loss, accuracy)
         update.step(self.parameters())
-        return {"train/loss": loss_value, "train/acc": accuracy_value}
+        return metrics
 
     # -- the contract ------------------------------------------------------------------------------
 
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
-        # No inner loop: the same learner after every step.
-        learner = SupportSet(support)
-        for _ in range(steps + 1):
-            yield learner
+        return self.unchanged(SupportSet(support), steps)  # no inner loop
 
     def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         """The N-way K-shot query result (support first, then each query alone), with the

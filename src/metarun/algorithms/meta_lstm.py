@@ -179,13 +179,8 @@ class MetaLSTM(Algorithm):
         super().__init__(inner_steps, eval_inner_steps)
         if hidden_size < 1:
             raise ConfigError(f"algorithm.hidden_size must be >= 1, got {hidden_size}")
-        if train_ways is not None and train_ways < ways:
-            raise ConfigError(
-                f"train_ways={train_ways} is smaller than ways={ways}: the head outputs past {train_ways} would never "
-                f"be trained; use train_ways >= ways for the meta-learner LSTM"
-            )
         self.objective = objective or Classification()
-        self.network = classifier(features, self.objective.outputs(max(ways, train_ways or ways)))
+        self.network = classifier(features, self.output_units(ways, train_ways, self.objective, "the meta-learner LSTM"))
         self.meta_learner = MetaLearnerCell(hidden_size, input_bias_init, forget_bias_init)
 
     def initial_cell_state(self) -> torch.Tensor:

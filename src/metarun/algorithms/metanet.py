@@ -338,12 +338,7 @@ class MetaNetwork(Algorithm):
         if gradient_log_scale <= 0 or representation_weight < 0 or support_weight < 0:
             raise ConfigError(f"algorithm.gradient_log_scale must be > 0 and the loss weights >= 0, got "
                               f"{gradient_log_scale}/{representation_weight}/{support_weight}")
-        if train_ways is not None and train_ways < ways:
-            raise ConfigError(
-                f"train_ways={train_ways} is smaller than ways={ways}: the slow output units past {train_ways} would "
-                f"never be trained; use train_ways >= ways for metanet"
-            )
-        outputs = max(ways, train_ways or ways)
+        outputs = self.output_units(ways, train_ways, Classification(), "metanet")  # slow output units
         dim = features.out_features
         self.base_features = features
         self.base = AugmentedMLP([dim, hidden, outputs])
@@ -442,10 +437,7 @@ class MetaNetwork(Algorithm):
     # -- the contract ---------------------------------------------------------------------------
 
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
-        # No inner loop: the memory built from the support set is the learner after every step.
-        learner = self.learner(support)
-        for _ in range(steps + 1):
-            yield learner
+        return self.unchanged(self.learner(support), steps)  # no inner loop
 
     def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return Classification().result(learner(query.x), query)
@@ -484,13 +476,7 @@ class MetaNetwork(Algorithm):
                 parts.setdefault(name, []).append(value.detach())
             if result.accuracy is not None:
                 accuracies.append(result.accuracy.detach())
-        names = list(parts)
-        accuracy = torch.stack(accuracies).mean() if accuracies else None
-        loss_value, accuracy_value, *part_values = update.read(
-            torch.stack(losses).mean(), accuracy, *(torch.stack(parts[name]).mean() for name in names))
+        metrics = update.report(torch.stack(losses).mean(), torch.stack(accuracies).mean() if accuracies else None,
+                                {name: torch.stack(values).mean() for name, values in parts.items()})
         update.step(self.parameters())
-        metrics = {"train/loss": loss_value}
-        if accuracy_value is not None:
-            metrics["train/acc"] = accuracy_value
-        metrics.update({f"train/{name}": value for name, value in zip(names, part_values, strict=True)})
         return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from metarun._learn2learn import l2l
@@ -36,3 +37,9 @@ class MetaSGD(GradientBasedAlgorithm):
                          vectorize)
         self.learnable = l2l.algorithms.MetaSGD(classifier(features, self.head_outputs), lr=inner_lr,
                                                 first_order=first_order)
+        # learn2learn keeps one rate tensor per parameter, in named_parameters order.
+        self.rate_index = {name: i for i, (name, _) in enumerate(self.learnable.module.named_parameters())}
+
+    def inner_rate(self, name: str, step: int) -> torch.Tensor:
+        """The learned rates of parameter ``name`` (a tensor of its shape), the same at every step."""
+        return self.learnable.lrs[self.rate_index[name]]

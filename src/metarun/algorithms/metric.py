@@ -46,10 +46,7 @@ class MetricBasedAlgorithm(Algorithm):
         """The task's classifier, built from the support set ``x [ways * shots, ...]``."""
 
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
-        # No inner loop: the same learner after every step.
-        learner = self.learner(support)
-        for _ in range(steps + 1):
-            yield learner
+        return self.unchanged(self.learner(support), steps)  # no inner loop
 
     def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return classification_result(learner(query.x), query.y)

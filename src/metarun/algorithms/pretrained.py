@@ -28,16 +28,18 @@ class Pretrained(GradientBasedAlgorithm):
         inner_steps: must be 0 (no inner loop in training); an option only so that configs
             can say so, and so that a preset built on a MAML one can reset it.
         eval_inner_steps: fine-tuning steps at evaluation.
+        vectorize: ``auto``, ``true`` or ``false``: train on the meta-batch, and fine-tune the
+            evaluation tasks, all at once (:mod:`metarun.algorithms.vectorized`).
         train_ways: ways of training tasks (``None``: ``ways``).
         objective: the task's loss and metrics (default: classification).
     """
 
     def __init__(self, features: nn.Module, ways: int, inner_lr: float, inner_steps: int,
-                 eval_inner_steps: int, train_ways: int | None = None,
+                 eval_inner_steps: int, vectorize: bool | str, train_ways: int | None = None,
                  objective: Objective | None = None) -> None:
         if inner_steps != 0:
             raise ConfigError(f"pretrained trains without an inner loop: algorithm.inner_steps must be 0, "
                               f"got {inner_steps} (that would be first-order MAML: algorithm=fomaml)")
         # Evaluation steps are first order anyway (nothing is backpropagated through them).
-        super().__init__(ways, inner_lr, True, inner_steps, eval_inner_steps, train_ways, objective)
+        super().__init__(ways, inner_lr, True, inner_steps, eval_inner_steps, train_ways, objective, vectorize)
         self.learnable = l2l.algorithms.MAML(classifier(features, self.head_outputs), lr=inner_lr, first_order=True)

@@ -211,11 +211,7 @@ class Reptile(Algorithm):
                 losses.append(result.loss)
                 if result.accuracy is not None:
                     accuracies.append(result.accuracy)
-            accuracy = torch.stack(accuracies).mean() if accuracies else None
-            loss_value, accuracy_value = update.read(torch.stack(losses).mean(), accuracy)
+            metrics = update.report(torch.stack(losses).mean(), torch.stack(accuracies).mean() if accuracies else None)
             for parameter, total in zip(parameters, totals, strict=True):
                 parameter.add_(total / len(tasks) - parameter, alpha=self.outer_step)
-        metrics = {"train/loss": loss_value}
-        if accuracy_value is not None:
-            metrics["train/acc"] = accuracy_value
         return metrics

@@ -319,10 +319,7 @@ class SNAIL(Algorithm):
         return Episode(self.features, self.model, sequence.x, sequence.y, sequence.permutation[rank], self.labels)
 
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:
-        # No inner loop: the same learner after every step.
-        learner = self.episode(support)
-        for _ in range(steps + 1):
-            yield learner
+        return self.unchanged(self.episode(support), steps)  # no inner loop
 
     def score(self, learner: nn.Module, query: TaskSplit) -> TaskResult:
         return classification_result(learner(query.x), query.y)

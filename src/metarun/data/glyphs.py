@@ -26,7 +26,7 @@ alphabet, character)``, so the same arguments give bit-identical images, and cha
 alphabet ``a`` does not change when more alphabets or characters are asked for.
 
 The generated classes are cached as a torch file named by a hash of the generation parameters
-(see :func:`load_glyphs`); generating the default 1200 classes x 20 drawings takes a few seconds.
+(see :func:`load_glyphs`); generating conf/dataset/glyphs.yaml's 1200 classes x 20 drawings takes a few seconds.
 """
 
 from __future__ import annotations
@@ -102,13 +102,15 @@ class _AlphabetStyle:
 
 
 def generate_glyphs(
-    num_alphabets: int = 40,
-    characters_per_alphabet: int = 30,
-    samples_per_class: int = 20,
-    image_size: int = 28,
-    seed: int = 0,
+    num_alphabets: int,
+    characters_per_alphabet: int,
+    samples_per_class: int,
+    image_size: int,
+    seed: int,
 ) -> ImageClasses:
     """Draw every character of every alphabet ``samples_per_class`` times.
+
+    The values of metarun's glyphs dataset are in conf/dataset/glyphs.yaml (once; no Python defaults).
 
     Args:
         num_alphabets: number of alphabets (the class groups).
@@ -148,19 +150,20 @@ def generate_glyphs(
 
 
 def load_glyphs(
-    cache_dir: str | None = None,
-    num_alphabets: int = 40,
-    characters_per_alphabet: int = 30,
-    samples_per_class: int = 20,
-    image_size: int = 28,
-    seed: int = 0,
-    split_sizes: tuple[int, int, int] | list[int] = (800, 100, -1),
-    split_seed: int = 1,
-    rotations: bool | str | list[str] = False,
-    within_group: bool | str | list[str] = False,
-    channels: int = 1,
+    cache_dir: str | None,
+    num_alphabets: int,
+    characters_per_alphabet: int,
+    samples_per_class: int,
+    image_size: int,
+    seed: int,
+    split_sizes: tuple[int, int, int] | list[int],
+    split_seed: int,
+    rotations: bool | str | list[str],
+    within_group: bool | str | list[str],
+    channels: int,
 ) -> ClassSplits:
-    """Glyph classes, cut into train/val/test classes (the ``_target_`` of ``conf/dataset/glyphs.yaml``).
+    """Glyph classes, cut into train/val/test classes (the ``_target_`` of ``conf/dataset/glyphs.yaml``,
+    which holds every argument's value, once: there are no Python defaults).
 
     The classes come from the cache file ``glyphs-v<FORMAT_VERSION>-<hash>.pt`` in ``cache_dir``
     when it is there and loads, otherwise from :func:`generate_glyphs` (and are then written to
