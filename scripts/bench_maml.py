@@ -49,9 +49,9 @@ from metarun._learn2learn import l2l
 from metarun.algorithms import vectorized
 from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.build import build_algorithm
-from metarun.cli import CONFIG_DIR
+from metarun.commands import CONFIG_DIR
+from metarun.cpu import configure_cpu
 from metarun.loop import hardware
-from metarun.runtime import configure_cpu
 from metarun.tasks.device import DeviceTaskSampler, sample_tasks
 from metarun.tasks.sampling import TaskSampler
 

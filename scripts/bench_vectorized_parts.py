@@ -28,8 +28,8 @@ from omegaconf import OmegaConf
 
 import bench_maml  # scripts/ is on the path of a script run from it; one definition of each meta-step
 from metarun.algorithms import vectorized
-from metarun.cli import CONFIG_DIR
-from metarun.runtime import configure_cpu
+from metarun.commands import CONFIG_DIR
+from metarun.cpu import configure_cpu
 
 
 class StockGroupedConv2d:

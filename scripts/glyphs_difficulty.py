@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ways", type=int, default=5)
     args = parser.parse_args()
-    from metarun.cli import CONFIG_DIR  # here, not at the top: the tests import one_nn_accuracy
+    from metarun.commands import CONFIG_DIR  # here, not at the top: the tests import one_nn_accuracy
 
     glyphs = OmegaConf.load(Path(CONFIG_DIR) / "dataset" / "glyphs.yaml")  # metarun's glyphs, not cached
     start = time.perf_counter()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from metarun.checkpoint import CheckpointError, safe_load
+from metarun.checkpoint import safe_load
+from metarun.errors import CheckpointError
 
 JOB = [
     "dataset.num_alphabets=4", "dataset.characters_per_alphabet=10", "dataset.split_sizes=[20,10,-1]",

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun import checkpoint
 from metarun.algorithms.base import Algorithm
 from metarun.build import build_algorithm, build_data
-from metarun.loop import evaluate
+from metarun.loop import score_tasks
 from metarun.tasks.sampling import FixedTasks
 
 REPORTED_STEPS = (1, 5, 10)  # the paper's appendix table
@@ -52,7 +52,7 @@ def mse_table(run_dir: Path, cfg: DictConfig, shots: list[int], split: str = "te
     for k in shots:
         algorithm, tasks = load(run_dir, cfg, k, split)
         algorithm.eval_inner_steps = max(REPORTED_STEPS)
-        curve = evaluate(algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z, "mse").summary()
+        curve = score_tasks(algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z, "mse").summary()
         cells = [f"{curve['mse_mean'][s]:.3f} ± {curve['mse_ci95'][s]:.3f}" for s in REPORTED_STEPS]
         rows.append(f"| {k} | " + " | ".join(cells) + " |")
     return rows

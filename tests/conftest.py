@@ -97,6 +97,14 @@ def glyph_generation_options(**overrides) -> dict:
     return {key: value for key, value in glyphs_options(**overrides).items() if key in names}
 
 
+def dataset_options(name: str, **overrides) -> dict:
+    """The arguments of ``conf/dataset/<name>.yaml``'s ``_target_``: the file's values, ``overrides`` replacing
+    some (the loaders have no defaults for what the config sets: its values live in the config)."""
+    values = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / f"{name}.yaml"))
+    del values["_target_"]
+    return {**values, **overrides}
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m metarun ARGS`` in a subprocess, as a user would run it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

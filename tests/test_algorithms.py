@@ -189,7 +189,7 @@ def test_options_are_declared_once_in_the_config(name):
 
 def test_gradient_heads_refuse_fewer_training_ways_than_evaluation_ways(compose_cfg):
     """Head outputs past train_ways would never get a meta-gradient: one clear error."""
-    from metarun.cli import user_error
+    from metarun.commands import user_error
     from metarun.errors import ConfigError
 
     with pytest.raises(Exception) as raised:  # Hydra wraps errors raised by a _target_

@@ -15,7 +15,7 @@ from metarun import config
 from metarun.algorithms.base import Algorithm
 from metarun.backbones import Conv4
 from metarun.build import build_algorithm, build_data, resolve_device
-from metarun.cli import user_error
+from metarun.commands import user_error
 from metarun.data.base import ClassSplits
 from metarun.errors import ConfigError
 from metarun.objectives import Classification
@@ -202,12 +202,6 @@ def test_hydras_job_directory_names_leave_out_exactly_the_unnamed_keys(compose_c
     assert set(config.JOB_KEYS) <= set(config.UNNAMED_KEYS) <= set(RUNTIME_KEYS)
 
 
-# Targets whose loaders still give Python defaults to values their config sets (not yet declared once).
-DEFAULTS_LEFT = {"metarun.data.cifar.load_cifarfs", "metarun.data.cifar.load_fc100", "metarun.data.cub.load_cub",
-                 "metarun.data.miniimagenet.load_miniimagenet", "metarun.data.omniglot.load_omniglot",
-                 "metarun.data.sinusoid.Sinusoids", "metarun.data.tieredimagenet.load_tieredimagenet"}
-
-
 def targets(*groups: str) -> dict[str, list[str]]:
     """``_target_`` -> the configs (``group/name``) of ``groups`` that build it."""
     out: dict[str, list[str]] = {}
@@ -217,11 +211,7 @@ def targets(*groups: str) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize(
-    "target",
-    [pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="its Python defaults restate the config"))
-     if t in DEFAULTS_LEFT else t for t in sorted(targets("backbone", "dataset"))],
-)
+@pytest.mark.parametrize("target", sorted(targets("backbone", "dataset")))
 def test_backbone_and_dataset_values_are_declared_once(target):
     """What conf/backbone/ and conf/dataset/ set has no Python default in its ``_target_`` as well
     (conf/algorithm/: tests/test_algorithms.py). A parameter every config of the target sets has no

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import dataset_options
 from metarun.data import cifar, cub, decode, files, miniimagenet, tieredimagenet
 from metarun.data.base import DatasetError
 from metarun.data.files import KnownFile
@@ -191,20 +192,22 @@ def _write_mini_pickles(root: Path) -> dict[str, str]:
 
 def test_miniimagenet_pickles(tmp_path: Path, cache: str) -> None:
     checksums = _write_mini_pickles(tmp_path)
-    splits = miniimagenet.load_miniimagenet(str(tmp_path), checksums=checksums, cache_dir=cache)
+    splits = miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(tmp_path),
+                                                              checksums=checksums, cache_dir=cache))
     _check_splits(splits, (3, 2, 2), size=84)
     assert splits.train.class_names == MINI_CLASSES["train"] and splits.train.groups == MINI_CLASSES["train"]
     raw = pickle.loads((tmp_path / "mini-imagenet-cache-train.pkl").read_bytes())["image_data"]
     assert torch.equal(splits.train.images, torch.from_numpy(raw).permute(0, 3, 1, 2))
 
-    small = miniimagenet.load_miniimagenet(str(tmp_path), checksums=checksums, image_size=21, cache_dir=cache)
+    small = miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(tmp_path),
+                                                             checksums=checksums, image_size=21, cache_dir=cache))
     assert small.val.images.shape == (2 * PER_CLASS, 3, 21, 21)
 
 
 def test_miniimagenet_pickle_without_checksum_is_not_opened(tmp_path: Path, cache: str, no_unpack: None) -> None:
     _write_mini_pickles(tmp_path)
     with pytest.raises(DatasetError, match="no checksum is known.*mini-imagenet-cache-train.pkl") as error:
-        miniimagenet.load_miniimagenet(str(tmp_path), cache_dir=cache)
+        miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(tmp_path), cache_dir=cache))
     _one_line(error)
 
 
@@ -224,19 +227,21 @@ def test_miniimagenet_tampered_pickle_is_rejected_unopened(
 
     monkeypatch.setattr(pickle, "load", load)
     with pytest.raises(DatasetError) as error:
-        miniimagenet.load_miniimagenet(str(tmp_path), checksums=checksums, cache_dir=cache)
+        miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(tmp_path),
+                                                         checksums=checksums, cache_dir=cache))
     message = _one_line(error)
     assert str(path) in message and checksums[path.name] in message
 
 
 def test_miniimagenet_missing_data_is_one_line(tmp_path: Path, cache: str) -> None:
     with pytest.raises(DatasetError, match="mini-ImageNet not found") as error:
-        miniimagenet.load_miniimagenet(str(tmp_path), cache_dir=cache)
+        miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(tmp_path), cache_dir=cache))
     _one_line(error)
     checksums = _write_mini_pickles(tmp_path)
     (tmp_path / "mini-imagenet-cache-test.pkl").unlink()
     with pytest.raises(DatasetError, match="mini-imagenet-cache-test.pkl not found") as error:
-        miniimagenet.load_miniimagenet(str(tmp_path), format="pickle", checksums=checksums, cache_dir=cache)
+        miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(tmp_path), format="pickle",
+                                                         checksums=checksums, cache_dir=cache))
     _one_line(error)
 
 
@@ -261,21 +266,25 @@ def _write_mini_folder(root: Path, csv_dir: Path, nested: bool = False) -> None:
 def test_miniimagenet_folder_with_ravi_csvs(tmp_path: Path, cache: str, nested: bool) -> None:
     root, csv_dir = tmp_path / "mini", tmp_path / "splits"
     _write_mini_folder(root, csv_dir, nested)
-    splits = miniimagenet.load_miniimagenet(str(root), split_dir=str(csv_dir), cache_dir=cache)
+    splits = miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(root),
+                                                              split_dir=str(csv_dir), cache_dir=cache))
     _check_splits(splits, (3, 2, 2), size=84)
     assert splits.test.samples_per_class().tolist() == [PER_CLASS, PER_CLASS]
 
     with pytest.raises(DatasetError, match="split file .*train.csv not found") as error:
-        miniimagenet.load_miniimagenet(str(root), cache_dir=cache)  # the CSVs are not in root
+        miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(root),
+                                                         cache_dir=cache))  # the CSVs are not in root
     _one_line(error)
 
 
 def test_miniimagenet_folder_is_decoded_once(tmp_path: Path, cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     root, csv_dir = tmp_path / "mini", tmp_path / "splits"
     _write_mini_folder(root, csv_dir)
-    first = miniimagenet.load_miniimagenet(str(root), split_dir=str(csv_dir), cache_dir=cache)
+    first = miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(root),
+                                                             split_dir=str(csv_dir), cache_dir=cache))
     monkeypatch.setattr(decode, "decode_image", lambda *a, **k: pytest.fail("decoded again"))
-    second = miniimagenet.load_miniimagenet(str(root), split_dir=str(csv_dir), cache_dir=cache)
+    second = miniimagenet.load_miniimagenet(**dataset_options("miniimagenet", root=str(root),
+                                                              split_dir=str(csv_dir), cache_dir=cache))
     assert torch.equal(first.train.images, second.train.images)
 
 
@@ -325,7 +334,8 @@ def test_tieredimagenet_pickles_grouped_by_superclass(tmp_path: Path, cache: str
     checksums = _write_tiered_pickles(tmp_path / "tiered-imagenet")
     sums = tmp_path / "SHA256SUMS"
     sums.write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
-    splits = tieredimagenet.load_tieredimagenet(str(tmp_path), checksums=str(sums), cache_dir=cache)
+    splits = tieredimagenet.load_tieredimagenet(**dataset_options("tieredimagenet", root=str(tmp_path),
+                                                                  checksums=str(sums), cache_dir=cache))
     _check_splits(splits, (3, 2, 2), size=84)
     assert splits.train.class_names == ["n10", "n11", "n12"]
     assert splits.train.groups == ["dog", "dog", "bird"] and splits.test.groups == ["fruit", "boat"]
@@ -337,7 +347,8 @@ def test_tieredimagenet_tampered_labels_rejected_unopened(tmp_path: Path, cache:
     checksums = _write_tiered_pickles(folder)
     (folder / "train_labels.pkl").write_bytes(b"\x80\x04tampered")
     with pytest.raises(DatasetError) as error:
-        tieredimagenet.load_tieredimagenet(str(tmp_path), checksums=checksums, cache_dir=cache)
+        tieredimagenet.load_tieredimagenet(**dataset_options("tieredimagenet", root=str(tmp_path),
+                                                             checksums=checksums, cache_dir=cache))
     message = _one_line(error)
     assert "train_labels.pkl" in message and checksums["train_labels.pkl"] in message
 
@@ -348,11 +359,13 @@ def test_tieredimagenet_folders(tmp_path: Path, cache: str) -> None:
             (tmp_path / split / name).mkdir(parents=True)
             for i in range(PER_CLASS):
                 Image.fromarray(_pixels(s * 100 + c * 10 + i, (30, 30, 3))).save(tmp_path / split / name / f"{i}.jpg")
-    splits = tieredimagenet.load_tieredimagenet(str(tmp_path), image_size=16, cache_dir=cache)
+    splits = tieredimagenet.load_tieredimagenet(**dataset_options("tieredimagenet", root=str(tmp_path),
+                                                                  image_size=16, cache_dir=cache))
     _check_splits(splits, (3, 2, 2), size=16)
     assert splits.val.groups == ["n20", "n21"]
     with pytest.raises(DatasetError, match="tiered-ImageNet not found"):
-        tieredimagenet.load_tieredimagenet(str(tmp_path / "nothing"), cache_dir=cache)
+        tieredimagenet.load_tieredimagenet(**dataset_options("tieredimagenet", root=str(tmp_path / "nothing"),
+                                                             cache_dir=cache))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +415,7 @@ def test_cifarfs_and_fc100_from_the_release(cifar_release: Path, cache: str, lay
         for name in cifar.MEMBERS:
             (cifar_release / cifar.ARCHIVE_DIR / name).unlink()
         (cifar_release / cifar.ARCHIVE_DIR).rmdir()
-    fs = cifar.load_cifarfs(str(cifar_release), cache_dir=cache)
+    fs = cifar.load_cifarfs(**dataset_options("cifarfs", root=str(cifar_release), cache_dir=cache))
     _check_splits(fs, (64, 16, 20), size=32)
     assert fs.test.samples_per_class().tolist() == [2] * 20  # train and test images merged
     assert fs.val.groups == fs.val.class_names
@@ -411,7 +424,7 @@ def test_cifarfs_and_fc100_from_the_release(cifar_release: Path, cache: str, lay
     apple = fs.train.class_names.index("apple")
     assert torch.equal(fs.train.images[fs.train.labels == apple][0], torch.from_numpy(raw[0]))
 
-    fc = cifar.load_fc100(str(cifar_release), cache_dir=cache)
+    fc = cifar.load_fc100(**dataset_options("fc100", root=str(cifar_release), cache_dir=cache))
     _check_splits(fc, (60, 20, 20), size=32)
     supers = [set(part.groups) for _, part in fc.items()]
     assert [len(s) for s in supers] == [12, 4, 4] and not (supers[0] & supers[2] or supers[0] & supers[1])
@@ -426,7 +439,7 @@ def test_cifar_tampered_archive_rejected_unopened(cifar_release: Path, cache: st
     data[-5] ^= 0xFF
     archive.write_bytes(bytes(data))
     with pytest.raises(DatasetError) as error:
-        cifar.load_cifarfs(str(cifar_release), cache_dir=cache)
+        cifar.load_cifarfs(**dataset_options("cifarfs", root=str(cifar_release), cache_dir=cache))
     message = _one_line(error)
     assert str(archive) in message and cifar.ARCHIVE.sha256 in message
 
@@ -437,7 +450,7 @@ def test_cifar_tampered_member_rejected_unopened(cifar_release: Path, cache: str
     data[len(data) // 2] ^= 0xFF
     meta.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=cifar.MEMBERS["meta"].md5) as error:
-        cifar.load_fc100(str(cifar_release), cache_dir=cache)
+        cifar.load_fc100(**dataset_options("fc100", root=str(cifar_release), cache_dir=cache))
     assert str(meta) in _one_line(error)
 
 
@@ -449,8 +462,8 @@ def test_cifar_download_from_file_url(tmp_path: Path, cache: str, monkeypatch: p
         archive.name, size=archive.stat().st_size, sha256=_sha256(archive), urls=(archive.as_uri(),)))
     root = tmp_path / "data"
     with pytest.raises(DatasetError, match="CIFAR-100 not found"):
-        cifar.load_cifarfs(str(root), cache_dir=cache)
-    splits = cifar.load_cifarfs(str(root), download=True, cache_dir=cache)
+        cifar.load_cifarfs(**dataset_options("cifarfs", root=str(root), cache_dir=cache))
+    splits = cifar.load_cifarfs(**dataset_options("cifarfs", root=str(root), download=True, cache_dir=cache))
     _check_splits(splits, (64, 16, 20))
     assert (root / cifar.ARCHIVE.name).is_file()
 
@@ -460,7 +473,7 @@ def test_cifarfs_learn2learn_png_folders(tmp_path: Path, cache: str) -> None:
     for i, name in enumerate(cifar.FINE_NAMES):
         (data / name).mkdir(parents=True)
         Image.fromarray(_pixels(i, (32, 32, 3))).save(data / name / f"{i}.png")
-    splits = cifar.load_cifarfs(str(tmp_path), cache_dir=cache)
+    splits = cifar.load_cifarfs(**dataset_options("cifarfs", root=str(tmp_path), cache_dir=cache))
     _check_splits(splits, (64, 16, 20), size=32)
     apple = splits.train.labels == splits.train.class_names.index("apple")
     assert torch.equal(splits.train.images[apple][0], torch.from_numpy(
@@ -474,11 +487,12 @@ def test_fc100_metaoptnet_pickles(tmp_path: Path, cache: str) -> None:
         path = _dump({"data": _pixels(len(labels), (len(labels), 32, 32, 3)), "labels": labels},
                      tmp_path / f"FC100_{split}.pickle")
         checksums[path.name] = _sha256(path)
-    splits = cifar.load_fc100(str(tmp_path), checksums=checksums, cache_dir=cache)
+    splits = cifar.load_fc100(**dataset_options("fc100", root=str(tmp_path), checksums=checksums,
+                                                cache_dir=cache))
     _check_splits(splits, (60, 20, 20), size=32)
     assert set(splits.test.groups) == set(cifar.FC100_SUPERCLASSES["test"])
     with pytest.raises(DatasetError, match="no checksum is known.*FC100_train.pickle"):
-        cifar.load_fc100(str(tmp_path), cache_dir=str(Path(cache) / "other"))
+        cifar.load_fc100(**dataset_options("fc100", root=str(tmp_path), cache_dir=str(Path(cache) / "other")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,13 +525,14 @@ def _write_cub(root: Path) -> Path:
 
 def test_cub_closer_look_split_and_bounding_boxes(tmp_path: Path, cache: str) -> None:
     _write_cub(tmp_path)
-    splits = cub.load_cub(str(tmp_path), image_size=20, cache_dir=cache)
+    splits = cub.load_cub(**dataset_options("cub", root=str(tmp_path), image_size=20, cache_dir=cache))
     _check_splits(splits, (4, 2, 2), size=20)
     assert splits.train.class_names == CUB_CLASSES[0::2]
     assert splits.val.class_names == [CUB_CLASSES[1], CUB_CLASSES[5]]
     assert splits.test.class_names == [CUB_CLASSES[3], CUB_CLASSES[7]]
     assert splits.test.groups == splits.test.class_names
-    cropped = cub.load_cub(str(tmp_path), image_size=20, bounding_box=True, cache_dir=cache)
+    cropped = cub.load_cub(**dataset_options("cub", root=str(tmp_path), image_size=20, bounding_box=True,
+                                             cache_dir=cache))
     # Whole images have a black border around the bird; cropped ones are all bird.
     assert splits.train.images[:, :, 0, 0].max() < 10 and cropped.train.images[2:, :, 0, 0].min() > 20
 
@@ -531,7 +546,7 @@ def test_cub_tarball_is_verified_then_extracted(tmp_path: Path, cache: str, monk
         tar.add(staging / cub.FOLDER, arcname=cub.FOLDER)
     good = KnownFile(tarball.name, size=tarball.stat().st_size, sha256=_sha256(tarball))
     monkeypatch.setattr(cub, "TARBALL", good)
-    splits = cub.load_cub(str(tarball.parent), cache_dir=cache)
+    splits = cub.load_cub(**dataset_options("cub", root=str(tarball.parent), cache_dir=cache))
     _check_splits(splits, (4, 2, 2), size=84)
     assert (tarball.parent / cub.FOLDER / "images.txt").is_file()
 
@@ -541,7 +556,7 @@ def test_cub_tampered_tarball_rejected_unextracted(tmp_path: Path, cache: str, m
     tarball = tmp_path / cub.TARBALL.name
     tarball.write_bytes(b"<html>not the tarball</html>")
     with pytest.raises(DatasetError) as error:
-        cub.load_cub(str(tmp_path), cache_dir=cache)
+        cub.load_cub(**dataset_options("cub", root=str(tmp_path), cache_dir=cache))
     message = _one_line(error)
     assert str(tarball) in message and cub.TARBALL.sha256 in message and str(cub.TARBALL.size) in message
     assert not (tmp_path / cub.FOLDER).exists()
@@ -550,9 +565,9 @@ def test_cub_tampered_tarball_rejected_unextracted(tmp_path: Path, cache: str, m
 def test_channels_and_image_size_are_checked(tmp_path: Path, cache: str) -> None:
     _write_cub(tmp_path)
     with pytest.raises(DatasetError, match="dataset.channels must be 3"):
-        cub.load_cub(str(tmp_path), channels=1, cache_dir=cache)
+        cub.load_cub(**dataset_options("cub", root=str(tmp_path), channels=1, cache_dir=cache))
     with pytest.raises(DatasetError, match="dataset.image_size"):
-        cub.load_cub(str(tmp_path), image_size=0, cache_dir=cache)
+        cub.load_cub(**dataset_options("cub", root=str(tmp_path), image_size=0, cache_dir=cache))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,13 +17,21 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from conftest import dataset_options
 from metarun.data import omniglot
-from metarun.data.base import DatasetError
+from metarun.data.base import ClassSplits, DatasetError
 from metarun.data.files import KnownFile
 from metarun.data.omniglot import EVALUATION_ALPHABETS, load_omniglot, load_omniglot_classes
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VINYALS_SPLIT_DIR = SHARED_DATA / "splits" / "omniglot_vinyals"
+
+
+def load(root: str, **options) -> ClassSplits:
+    """load_omniglot with conf/dataset/omniglot.yaml's values but ``root`` and ``options`` (the loader has no
+    defaults: its values live in the config)."""
+    return load_omniglot(**dataset_options("omniglot", root=root, **options))
+
 
 # The fake dataset: part -> {alphabet: number of characters}; every character has DRAWINGS PNGs.
 FAKE_ALPHABETS = {
@@ -405,7 +413,7 @@ def _names(split) -> set[str]:
 
 def test_maml_split_sizes_disjoint_and_seeded(fake_folders: Path, cache: str) -> None:
     def split(seed: int):
-        return load_omniglot(
+        return load(
             str(fake_folders), rotations=False, split_seed=seed, split_sizes=[4, 2, 2], cache_dir=cache
         )
 
@@ -422,8 +430,8 @@ def test_maml_split_sizes_disjoint_and_seeded(fake_folders: Path, cache: str) ->
 
 
 def test_maml_rotations_stay_in_the_split_of_their_character(fake_folders: Path, cache: str) -> None:
-    plain = load_omniglot(str(fake_folders), rotations=False, split_sizes=(4, 2, 2), cache_dir=cache)
-    rotated = load_omniglot(str(fake_folders), rotations=True, split_sizes=(4, 2, 2), cache_dir=cache)
+    plain = load(str(fake_folders), rotations=False, split_sizes=(4, 2, 2), cache_dir=cache)
+    rotated = load(str(fake_folders), rotations=True, split_sizes=(4, 2, 2), cache_dir=cache)
 
     for (_, before), (_, after) in zip(plain.items(), rotated.items(), strict=True):
         assert after.num_classes == 4 * before.num_classes
@@ -440,8 +448,8 @@ def test_maml_rotations_stay_in_the_split_of_their_character(fake_folders: Path,
 
 def test_rotations_for_training_only_leave_val_and_test_unrotated(fake_folders: Path, cache: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    plain = load_omniglot(str(fake_folders), rotations=False, split_sizes=(4, 2, 2), cache_dir=cache)
-    rotated = load_omniglot(str(fake_folders), rotations="train", split_sizes=(4, 2, 2), cache_dir=cache)
+    plain = load(str(fake_folders), rotations=False, split_sizes=(4, 2, 2), cache_dir=cache)
+    rotated = load(str(fake_folders), rotations="train", split_sizes=(4, 2, 2), cache_dir=cache)
     assert rotated.train.num_classes == 4 * plain.train.num_classes == 16
     assert {name.rsplit("/", 1)[0] for name in rotated.train.class_names} == set(plain.train.class_names)
     for part in ("val", "test"):
@@ -449,9 +457,9 @@ def test_rotations_for_training_only_leave_val_and_test_unrotated(fake_folders: 
         assert torch.equal(getattr(rotated, part).images, getattr(plain, part).images)
     # Koch's alphabets split takes the same option.
     monkeypatch.setattr("metarun.data.omniglot.EVALUATION_ALPHABETS", ("Gamma",))
-    alphabets = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations=["train"],
-                              cache_dir=cache)
-    unrotated = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations="none", cache_dir=cache)
+    alphabets = load(str(fake_folders), split="alphabets", val_alphabets=1, rotations=["train"],
+                     cache_dir=cache)
+    unrotated = load(str(fake_folders), split="alphabets", val_alphabets=1, rotations="none", cache_dir=cache)
     assert alphabets.train.num_classes == 4 * unrotated.train.num_classes
     assert alphabets.test.class_names == unrotated.test.class_names == ["Gamma/character01", "Gamma/character02",
                                                                          "Gamma/character03"]
@@ -473,7 +481,7 @@ ROTATED_LISTS = {
 
 def test_vinyals_split_with_rotated_names(fake_folders: Path, tmp_path: Path, cache: str) -> None:
     split_dir = _write_split_files(tmp_path / "lists", ROTATED_LISTS)
-    splits = load_omniglot(str(fake_folders), split="vinyals", split_dir=str(split_dir), cache_dir=cache)
+    splits = load(str(fake_folders), split="vinyals", split_dir=str(split_dir), cache_dir=cache)
     for split, part in splits.items():
         assert part.class_names == ROTATED_LISTS[split]
         assert part.images.shape[0] == DRAWINGS * len(ROTATED_LISTS[split])
@@ -482,8 +490,8 @@ def test_vinyals_split_with_rotated_names(fake_folders: Path, tmp_path: Path, ca
 def test_vinyals_rotated_lists_with_rotations_for_training_only(fake_folders: Path, tmp_path: Path, cache: str) -> None:
     """The lists name every rotation; a split left out of dataset.rotations keeps its rot000 classes."""
     split_dir = _write_split_files(tmp_path / "lists", ROTATED_LISTS)
-    splits = load_omniglot(str(fake_folders), split="vinyals", rotations="train", split_dir=str(split_dir),
-                           cache_dir=cache)
+    splits = load(str(fake_folders), split="vinyals", rotations="train", split_dir=str(split_dir),
+                  cache_dir=cache)
     assert splits.train.class_names == ROTATED_LISTS["train"]
     for part in ("val", "test"):
         assert getattr(splits, part).class_names == [n for n in ROTATED_LISTS[part] if n.endswith("/rot000")]
@@ -493,7 +501,7 @@ def test_vinyals_split_without_rotations(fake_folders: Path, tmp_path: Path, cac
     lists = {"train": FAKE_CLASS_NAMES[:4], "val": FAKE_CLASS_NAMES[4:6], "test": FAKE_CLASS_NAMES[6:]}
     split_dir = _write_split_files(tmp_path / "lists", lists)
     for rotations in (True, False):  # the files decide: unrotated names give unrotated classes
-        splits = load_omniglot(
+        splits = load(
             str(fake_folders), split="vinyals", rotations=rotations, split_dir=str(split_dir), cache_dir=cache
         )
         assert {split: part.class_names for split, part in splits.items()} == lists
@@ -504,40 +512,40 @@ def test_vinyals_rotated_names_conflict_with_rotations_false(
 ) -> None:
     split_dir = _write_split_files(tmp_path / "lists", ROTATED_LISTS)
     with pytest.raises(DatasetError, match="rotations=false"):
-        load_omniglot(
+        load(
             str(fake_folders), split="vinyals", rotations=False, split_dir=str(split_dir), cache_dir=cache
         )
 
 
 def test_vinyals_split_errors(fake_folders: Path, tmp_path: Path, cache: str) -> None:
     with pytest.raises(DatasetError, match="split_dir"):
-        load_omniglot(str(fake_folders), split="vinyals", cache_dir=cache)
+        load(str(fake_folders), split="vinyals", cache_dir=cache)
 
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "train.txt").write_text(FAKE_CLASS_NAMES[0])
     with pytest.raises(DatasetError, match="val.txt") as info:
-        load_omniglot(str(fake_folders), split="vinyals", split_dir=str(partial), cache_dir=cache)
+        load(str(fake_folders), split="vinyals", split_dir=str(partial), cache_dir=cache)
     assert "\n" not in str(info.value)
 
     mixed = _write_split_files(tmp_path / "mixed", {**ROTATED_LISTS, "val": [FAKE_CLASS_NAMES[5]]})
     with pytest.raises(DatasetError, match="mix"):
-        load_omniglot(str(fake_folders), split="vinyals", split_dir=str(mixed), cache_dir=cache)
+        load(str(fake_folders), split="vinyals", split_dir=str(mixed), cache_dir=cache)
 
     unknown = _write_split_files(tmp_path / "unknown", {**ROTATED_LISTS, "val": ["Delta/character01/rot000"]})
     with pytest.raises(DatasetError, match="Delta/character01/rot000"):
-        load_omniglot(str(fake_folders), split="vinyals", split_dir=str(unknown), cache_dir=cache)
+        load(str(fake_folders), split="vinyals", split_dir=str(unknown), cache_dir=cache)
 
 
 @pytest.mark.parametrize("sizes", [(4, 2), 5, ("four", 2, 2)])
 def test_maml_split_sizes_must_be_three_numbers(sizes: object, fake_folders: Path, cache: str) -> None:
     with pytest.raises(DatasetError, match="three ints"):
-        load_omniglot(str(fake_folders), split_sizes=sizes, cache_dir=cache)
+        load(str(fake_folders), split_sizes=sizes, cache_dir=cache)
 
 
 def test_unknown_split_lists_the_valid_ones(fake_folders: Path, cache: str) -> None:
     with pytest.raises(DatasetError) as info:
-        load_omniglot(str(fake_folders), split="random", cache_dir=cache)
+        load(str(fake_folders), split="random", cache_dir=cache)
     assert "'maml'" in str(info.value) and "'vinyals'" in str(info.value)
 
 
@@ -545,7 +553,7 @@ def test_split_logs_the_class_counts(
     fake_folders: Path, cache: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="metarun.data.omniglot"):
-        load_omniglot(str(fake_folders), split_sizes=(4, 2, 2), cache_dir=cache)
+        load(str(fake_folders), split_sizes=(4, 2, 2), cache_dir=cache)
     assert any("16 train / 8 val / 8 test classes" in r.getMessage() for r in caplog.records)
 
 
@@ -583,11 +591,11 @@ def test_real_omniglot_classes(real_omniglot: tuple[Path, str]) -> None:
 @pytest.mark.data
 def test_real_omniglot_maml_split(real_omniglot: tuple[Path, str]) -> None:
     root, cache_dir = real_omniglot
-    plain = load_omniglot(str(root), rotations=False, cache_dir=cache_dir)
+    plain = load(str(root), rotations=False, cache_dir=cache_dir)
     assert [s.num_classes for _, s in plain.items()] == [1100, 100, 423]
     assert [s.images.shape[0] for _, s in plain.items()] == [22000, 2000, 8460]
 
-    rotated = load_omniglot(str(root), cache_dir=cache_dir)
+    rotated = load(str(root), cache_dir=cache_dir)
     assert [s.num_classes for _, s in rotated.items()] == [4400, 400, 1692]
     assert all(s.samples_per_class().eq(20).all() for _, s in rotated.items())
 
@@ -597,7 +605,7 @@ def test_real_omniglot_vinyals_split(real_omniglot: tuple[Path, str]) -> None:
     if not VINYALS_SPLIT_DIR.is_dir():
         pytest.skip(f"Vinyals et al.'s split lists not available: {VINYALS_SPLIT_DIR} is absent")
     root, cache_dir = real_omniglot
-    splits = load_omniglot(str(root), split="vinyals", split_dir=str(VINYALS_SPLIT_DIR), cache_dir=cache_dir)
+    splits = load(str(root), split="vinyals", split_dir=str(VINYALS_SPLIT_DIR), cache_dir=cache_dir)
 
     for split, part in splits.items():
         lines = [
@@ -613,25 +621,25 @@ def test_alphabets_split_is_by_alphabet_and_seeded(
 ) -> None:
     """Koch et al.'s split: evaluation alphabets are the test split; background alphabets are cut into train/val."""
     monkeypatch.setattr("metarun.data.omniglot.EVALUATION_ALPHABETS", ("Gamma",))
-    splits = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations=False,
-                           within_group=True, cache_dir=cache)
+    splits = load(str(fake_folders), split="alphabets", val_alphabets=1, rotations=False, within_group=True,
+                  cache_dir=cache)
     assert set(splits.test.groups) == {"Gamma"} and splits.test.num_classes == 3
     assert {*splits.train.groups, *splits.val.groups} == {"Alpha", "Beta"}
     assert len(set(splits.train.groups)) == 1 and len(set(splits.val.groups)) == 1
     assert splits.within_group
-    seeds = {tuple(load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, rotations=False,
-                                 split_seed=seed, cache_dir=cache).val.groups[:1]) for seed in range(8)}
+    seeds = {tuple(load(str(fake_folders), split="alphabets", val_alphabets=1, rotations=False,
+                        split_seed=seed, cache_dir=cache).val.groups[:1]) for seed in range(8)}
     assert seeds == {("Alpha",), ("Beta",)}, "the seed decides which background alphabets validate"
-    rotated = load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, cache_dir=cache)
+    rotated = load(str(fake_folders), split="alphabets", val_alphabets=1, cache_dir=cache)
     assert rotated.test.num_classes == 12 and set(rotated.test.groups) == {"Gamma"}
 
 
 def test_alphabets_split_errors(fake_folders: Path, cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DatasetError, match="evaluation alphabets"):  # the fake has none of the real names
-        load_omniglot(str(fake_folders), split="alphabets", val_alphabets=1, cache_dir=cache)
+        load(str(fake_folders), split="alphabets", val_alphabets=1, cache_dir=cache)
     monkeypatch.setattr("metarun.data.omniglot.EVALUATION_ALPHABETS", ("Gamma",))
     with pytest.raises(DatasetError, match=r"val_alphabets=2 but there are 2 background alphabets"):
-        load_omniglot(str(fake_folders), split="alphabets", val_alphabets=2, cache_dir=cache)
+        load(str(fake_folders), split="alphabets", val_alphabets=2, cache_dir=cache)
 
 
 @pytest.mark.data
@@ -639,7 +647,7 @@ def test_real_omniglot_alphabets_split_and_within_alphabet_tasks(real_omniglot: 
     from metarun.tasks.sampling import TaskSampler
 
     root, cache_dir = real_omniglot
-    splits = load_omniglot(str(root), split="alphabets", rotations=False, within_group=True, cache_dir=cache_dir)
+    splits = load(str(root), split="alphabets", rotations=False, within_group=True, cache_dir=cache_dir)
     assert len(set(splits.train.groups)) == 30 - 10 and len(set(splits.val.groups)) == 10
     assert splits.train.num_classes + splits.val.num_classes == 964 and splits.test.num_classes == 659
     assert set(splits.test.groups) == set(EVALUATION_ALPHABETS)

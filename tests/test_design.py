@@ -157,3 +157,15 @@ def test_the_batched_engine_imports_no_algorithm():
     imported = graph()["metarun.algorithms.vectorized"]
     assert not imported & algorithm_modules, imported & algorithm_modules
     assert "metarun.algorithms.maml_plus_plus" in imported  # the check sees the engine's imports
+
+
+def test_the_readme_layout_lists_every_module():
+    """README.md's "Layout" block has a line for every module under src/metarun/, by its path."""
+    readme = (SRC.parent / "README.md").read_text()
+    block = readme[readme.index("## Layout"):]
+    block = block[block.index("```"):]
+    block = block[:block.index("```", 3)]
+    listed = {line.split()[0] for line in block.splitlines() if line.startswith("  ") and line.split()}
+    missing = sorted(str(path.relative_to(PACKAGE)) for path in MODULES)
+    missing = [name for name in missing if name not in listed]
+    assert not missing, f"modules missing from README.md's Layout: {missing}"

@@ -1,7 +1,7 @@
 """``metarun-eval``: a run's checkpoint scored again, from its run directory.
 
 One tiny MAML run on glyphs is trained through the ``metarun`` command for the module; every test
-evaluates a private copy of it, in-process through ``metarun.evaluate.main`` (the console
+evaluates a private copy of it, in-process through ``metarun.evaluate.command.main`` (the console
 script's function) or, where the process itself matters, through the installed script.
 """
 
@@ -22,10 +22,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY, TINY_GLYPHS, glyph_generation_options, run_cli
-from metarun import evaluate
+from metarun import checkpoint
 from metarun.build import build_algorithm, build_data
 from metarun.checkpoint import save_model
 from metarun.data.glyphs import generate_glyphs
+from metarun.errors import CheckpointError
+from metarun.evaluate import command, saved_config
 
 EVAL_SCRIPT = Path(sys.executable).parent / "metarun-eval"
 
@@ -55,7 +57,7 @@ def fingerprint(folder: Path) -> dict[str, str]:
 def call(capsys, *args: object) -> tuple[int, str, str]:
     """``metarun-eval ARGS`` in this process: exit status, stdout, stderr."""
     try:
-        evaluate.main([str(a) for a in args])
+        command.main([str(a) for a in args])
         code = 0
     except SystemExit as exit_:
         code = exit_.code
@@ -156,13 +158,13 @@ def test_top_k_members_are_taken_in_the_order_the_run_tested_them(tmp_path):
     for iteration in (1, 2, 3):
         (top / f"iteration_{iteration:07d}.pt").touch()
     torch.save({"algorithm": {}, "state": {"top": [[0.9, 2], [0.8, 3], [0.7, 1]]}}, tmp_path / "checkpoints" / "last.pt")
-    assert [p.name[-6:-3] for p in evaluate.top_members(tmp_path)] == ["002", "003", "001"]
+    assert [p.name[-6:-3] for p in checkpoint.top_members(tmp_path)] == ["002", "003", "001"]
     (tmp_path / "results.json").write_text(json.dumps({"tested_iterations": [3, 1, 2]}))
-    assert [p.name[-6:-3] for p in evaluate.top_members(tmp_path)] == ["003", "001", "002"]
+    assert [p.name[-6:-3] for p in checkpoint.top_members(tmp_path)] == ["003", "001", "002"]
     (top / "iteration_0000001.pt").unlink()
-    with pytest.raises(evaluate.CheckpointError, match="iteration_0000001.pt, a member of the run's top-k ensemble, "
-                                                       "is missing"):
-        evaluate.top_members(tmp_path)
+    with pytest.raises(CheckpointError, match="iteration_0000001.pt, a member of the run's top-k "
+                                                         "ensemble, is missing"):
+        checkpoint.top_members(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_the_eval_is_a_wandb_job_of_type_eval_in_the_runs_group(run_dir, capsys,
 def test_the_runs_test_tasks_written_as_an_episodes_file_score_exactly_the_same(run_dir, tmp_path, capsys):
     """Each fixed test task's images as PNG files and an episodes file listing them: decoded by
     glyphs' load_image, they are the same tasks, and every episode scores what its task scored."""
-    cfg, _ = evaluate.read_saved_config(run_dir)
+    cfg, _ = saved_config.read_saved_config(run_dir)
     cfg.device = "cpu"
     _, _, test_tasks, _ = build_data(cfg, torch.device("cpu"))
     folder = tmp_path / "episodes"

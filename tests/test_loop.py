@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 from metarun import checkpoint
-from metarun.loop import Evaluation, NonFiniteLossError, OutputExistsError, batchnorm_mode, evaluate, run
+from metarun.errors import CheckpointError, NonFiniteLossError, OutputExistsError
+from metarun.loop import batchnorm_mode, run, score_tasks
+from metarun.statistics import TaskScores
 
 
 def test_ci_is_z_times_std_over_sqrt_n():
     acc = torch.tensor([[0.2, 0.4], [0.6, 0.8], [1.0, 0.6], [0.2, 1.0]])
-    summary = Evaluation(loss=torch.zeros(4, 2), accuracy=acc, ci_z=1.96).summary()
+    summary = TaskScores(loss=torch.zeros(4, 2), accuracy=acc, ci_z=1.96).summary()
     expected = 1.96 * np.std(acc.numpy(), axis=0, ddof=1) / math.sqrt(4)
     np.testing.assert_allclose(summary["acc_ci95"], expected, rtol=1e-6)
     np.testing.assert_allclose(summary["acc_mean"], [0.5, 0.7], rtol=1e-6)
@@ -48,7 +50,7 @@ def test_evaluation_leaves_every_parameter_and_buffer_unchanged(compose_cfg, tmp
 
     parts = build(compose_cfg(), tmp_path / "parts")
     before = {k: v.clone() for k, v in parts.algorithm.state_dict().items()}
-    evaluate(parts.algorithm, parts.val_tasks, bn_batch_stats=True, ci_z=1.96)
+    score_tasks(parts.algorithm, parts.val_tasks, bn_batch_stats=True, ci_z=1.96)
     for k, v in parts.algorithm.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -97,7 +99,7 @@ def test_resume_continues_at_the_same_iteration_with_the_same_rng(compose_cfg, t
 
 
 def test_resume_from_a_missing_checkpoint_is_one_clear_error(compose_cfg, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint to resume"):
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
         run(compose_cfg(f"resume={tmp_path / 'nowhere'}"), tmp_path / "out")
 
 
@@ -134,15 +136,15 @@ def test_evaluation_with_running_statistics_reads_the_buffers_not_the_batch(comp
 
     parts = build(compose_cfg(), tmp_path / "parts")
     algorithm, tasks = parts.algorithm, parts.val_tasks
-    batch = evaluate(algorithm, tasks, bn_batch_stats=True, ci_z=1.96)
-    running = evaluate(algorithm, tasks, bn_batch_stats=False, ci_z=1.96)
+    batch = score_tasks(algorithm, tasks, bn_batch_stats=True, ci_z=1.96)
+    running = score_tasks(algorithm, tasks, bn_batch_stats=False, ci_z=1.96)
     assert not torch.equal(batch.loss, running.loss)
     with torch.no_grad():  # move the running statistics: only the non-transductive evaluation may notice
         for module in algorithm.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_mean += 0.5
-    assert not torch.equal(evaluate(algorithm, tasks, bn_batch_stats=False, ci_z=1.96).loss, running.loss)
-    assert torch.equal(evaluate(algorithm, tasks, bn_batch_stats=True, ci_z=1.96).loss, batch.loss)
+    assert not torch.equal(score_tasks(algorithm, tasks, bn_batch_stats=False, ci_z=1.96).loss, running.loss)
+    assert torch.equal(score_tasks(algorithm, tasks, bn_batch_stats=True, ci_z=1.96).loss, batch.loss)
 
 
 def test_run_passes_the_batchnorm_option_to_evaluation(compose_cfg, tmp_path):
@@ -205,21 +207,22 @@ def test_ensemble_of_the_top_k_checkpoints_averages_their_predictions(compose_cf
     """eval.top_k keeps the k best validation checkpoints and tests their ensemble; with one member
     the ensemble is that model itself."""
     from metarun.build import build
-    from metarun.loop import evaluate_ensemble, top_checkpoint
+    from metarun.loop import score_ensemble
 
     run(compose_cfg("iterations=4", "eval.top_k=3"), tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "top").iterdir())
     assert len(kept) == 3 and len(results["tested_iterations"]) == 3
-    assert kept == sorted(top_checkpoint(tmp_path, i).name for i in results["tested_iterations"])
+    assert kept == sorted(checkpoint.top_file(tmp_path, i).name for i in results["tested_iterations"])
     assert results["tested_iterations"][0] == results["best_iteration"]
     parts = build(compose_cfg(), tmp_path / "parts")
     ckpt = tmp_path / "run" / "checkpoints"
-    single = evaluate_ensemble(parts.algorithm, [ckpt / "best.pt"], parts.test_tasks, parts.objective, True, 1.96)
-    plain = evaluate(parts.algorithm, parts.test_tasks, True, 1.96)
+    single = score_ensemble(parts.algorithm, [checkpoint.best_file(ckpt)], parts.test_tasks, parts.objective, True,
+                            1.96)
+    plain = score_tasks(parts.algorithm, parts.test_tasks, True, 1.96)
     assert torch.equal(single.accuracy, plain.accuracy)
-    members = [top_checkpoint(ckpt, i) for i in results["tested_iterations"]]
-    ensemble = evaluate_ensemble(parts.algorithm, members, parts.test_tasks, parts.objective, True, 1.96)
+    members = [checkpoint.top_file(ckpt, i) for i in results["tested_iterations"]]
+    ensemble = score_ensemble(parts.algorithm, members, parts.test_tasks, parts.objective, True, 1.96)
     assert ensemble.summary()["acc_mean"] == pytest.approx(results["curves"]["test"]["acc_mean"])
     # By hand: the mean of the members' class probabilities decides each query.
     from metarun.checkpoint import load_model

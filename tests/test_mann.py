@@ -25,8 +25,9 @@ from metarun.algorithms.mann import (
     usage_update,
     write_memory,
 )
-from metarun.loop import Evaluation, final_values, run
+from metarun.loop import run
 from metarun.objectives import Curve, TaskResult
+from metarun.statistics import TaskScores, final_values
 from metarun.tasks.types import Task, TaskSplit
 from test_metric import LEARNING_RUN, Flat, trained_and_untrained
 from test_tracking import FakeRun
@@ -218,7 +219,7 @@ def test_curves_on_another_axis_are_averaged_over_the_tasks_that_have_each_posit
         curve = Curve(torch.tensor(positions), {"acc": torch.tensor(acc)})
         return [TaskResult(torch.tensor(1.0), torch.tensor(0.5), curves={"instance": curve})]
 
-    evaluation = Evaluation.of([result([1, 2], [0.2, 0.8]), result([1, 2, 3], [0.4, float("nan"), 1.0]),
+    evaluation = TaskScores.of([result([1, 2], [0.2, 0.8]), result([1, 2, 3], [0.4, float("nan"), 1.0]),
                                 result([1], [0.6])], ci_z=1.96, loss_metric=None)
     summary = evaluation.axis_summaries()["instance"]
     assert summary["position"] == [1, 2, 3]
@@ -227,7 +228,7 @@ def test_curves_on_another_axis_are_averaged_over_the_tasks_that_have_each_posit
     flat = final_values("test", evaluation.curves())
     assert flat["test/acc_instance_1_mean"] == pytest.approx(0.4) and flat["test/acc_mean"] == 0.5
     assert flat["test/acc_instance_3_ci95"] == 0.0
-    empty = Evaluation.of([result([1, 2], [0.5, float("nan")])], ci_z=1.96, loss_metric=None)
+    empty = TaskScores.of([result([1, 2], [0.5, float("nan")])], ci_z=1.96, loss_metric=None)
     assert empty.axis_summaries()["instance"]["acc_mean"] == [0.5, None]  # JSON null, never NaN
 
 
@@ -297,7 +298,7 @@ def test_mann_learns_glyphs(compose_cfg, tmp_path):
     (Binding a label to an image, which the N-way K-shot query accuracy needs, takes longer: see
     the slow test below.)"""
     from metarun.build import build_algorithm, build_data, seed_everything
-    from metarun.loop import evaluate
+    from metarun.loop import score_tasks
 
     trained_query, untrained_query = trained_and_untrained(compose_cfg, tmp_path, *MANN_LEARNING)
     trained = json.loads((tmp_path / "results.json").read_text())["curves"]["test"]["instance"]["acc_mean"]
@@ -305,7 +306,7 @@ def test_mann_learns_glyphs(compose_cfg, tmp_path):
     seed_everything(cfg.seed)
     _, _, test_tasks, objective = build_data(cfg, torch.device("cpu"))
     algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"), objective)
-    untrained = evaluate(algorithm, test_tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).axis_summaries()
+    untrained = score_tasks(algorithm, test_tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).axis_summaries()
     untrained = untrained["instance"]["acc_mean"]
     message = (f"accuracy by instance {[round(v, 3) for v in untrained]} before training, "
                f"{[round(v, 3) for v in trained]} after; query {untrained_query:.3f} -> {trained_query:.3f}")
@@ -321,7 +322,7 @@ def test_mann_binds_labels_to_images():
     """The one-shot ability itself: on tasks whose images are already separable (5 random class
     vectors plus noise, the backbone a flatten), the N-way 1-shot query accuracy and the accuracy
     at a class's 2nd presentation rise well above chance (1/5) in a few hundred meta-updates."""
-    from metarun.loop import evaluate
+    from metarun.loop import score_tasks
 
     torch.manual_seed(0)
     dim, ways = 32, 5
@@ -337,12 +338,12 @@ def test_mann_binds_labels_to_images():
 
     net = MANN(Flat(dim), ways=ways, memory_slots=32, memory_size=16, controller_size=64, reads=4, gamma=0.95)
     test_tasks = [task() for _ in range(100)]
-    before = evaluate(net, test_tasks, bn_batch_stats=False, ci_z=1.96)
+    before = score_tasks(net, test_tasks, bn_batch_stats=False, ci_z=1.96)
     update = MetaUpdate(torch.optim.Adam(net.parameters(), lr=0.003), grad_clip=None)
     net.train()
     for _ in range(600):
         net.meta_step([task() for _ in range(16)], update)
-    after = evaluate(net, test_tasks, bn_batch_stats=False, ci_z=1.96)
+    after = score_tasks(net, test_tasks, bn_batch_stats=False, ci_z=1.96)
     message = (f"query {before.score('acc'):.3f} -> {after.score('acc'):.3f}; by instance "
                f"{before.axis_summaries()['instance']['acc_mean']} -> {after.axis_summaries()['instance']['acc_mean']}")
     print(message)

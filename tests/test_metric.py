@@ -189,7 +189,7 @@ LEARNING_RUN = ["iterations=100", "meta_batch_size=8", "eval_every=50", "eval.va
 def trained_and_untrained(compose_cfg, tmp_path, *overrides: str) -> tuple[float, float]:
     """Test accuracy after a short run, and of the same network before training, on the same test tasks."""
     from metarun.build import build_algorithm, build_data, seed_everything
-    from metarun.loop import evaluate, run
+    from metarun.loop import run, score_tasks
 
     cfg = compose_cfg(*LEARNING_RUN, *overrides)
     run(cfg, tmp_path)
@@ -197,7 +197,7 @@ def trained_and_untrained(compose_cfg, tmp_path, *overrides: str) -> tuple[float
     seed_everything(cfg.seed)
     _, _, test_tasks, objective = build_data(cfg, torch.device("cpu"))
     algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"), objective)
-    untrained = evaluate(algorithm, test_tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).score("acc")
+    untrained = score_tasks(algorithm, test_tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z).score("acc")
     return trained, untrained
 
 

@@ -122,6 +122,7 @@ def test_a_run_directory_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_pat
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_last_pt(compose_cfg, tmp_path, monkeypatch):
     from metarun import checkpoint
+    from metarun.errors import CheckpointError
     from metarun.loop import run
 
     real_save, saves = torch.save, []
@@ -134,7 +135,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_last_pt(compose_cfg,
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
-    with pytest.raises(checkpoint.CheckpointError, match="No space left on device; the previous last.pt, if any, "
+    with pytest.raises(CheckpointError, match="No space left on device; the previous last.pt, if any, "
                                                           "is intact"):
         run(compose_cfg("iterations=3"), tmp_path)
     monkeypatch.setattr(checkpoint.torch, "save", real_save)

@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import sinusoid_figure  # scripts/ (conftest puts it on the path)
-from conftest import TINY, run_cli
+from conftest import TINY, dataset_options, run_cli
 from metarun.build import build_algorithm, build_data
-from metarun.cli import user_error
+from metarun.commands import user_error
 from metarun.data.base import DatasetError
 from metarun.data.sinusoid import Sinusoids
 from metarun.errors import ConfigError
@@ -23,8 +23,13 @@ from metarun.objectives import Regression
 SINUSOID = ["dataset=sinusoid", "backbone=mlp_sinusoid", "algorithm.inner_lr=0.01"]
 
 
+def sinusoids(**options) -> Sinusoids:
+    """Sinusoids with conf/dataset/sinusoid.yaml's ranges (the paper's) but ``options``: no defaults."""
+    return Sinusoids(**dataset_options("sinusoid", **options))
+
+
 def test_task_parameters_and_points_follow_the_paper_distributions():
-    sampler = Sinusoids().sampler("train", ways=5, shots=10, query_shots=15, device="cpu", augment=None)
+    sampler = sinusoids().sampler("train", ways=5, shots=10, query_shots=15, device="cpu", augment=None)
     drawn = [sampler.draw() for _ in range(2000)]
     amplitudes = torch.tensor([a for _, a, _ in drawn])
     phases = torch.tensor([p for _, _, p in drawn])
@@ -40,7 +45,7 @@ def test_task_parameters_and_points_follow_the_paper_distributions():
 
 
 def test_support_and_query_are_points_of_one_sinusoid():
-    sampler = Sinusoids().sampler("val", ways=5, shots=5, query_shots=7, device="cpu", augment=None)
+    sampler = sinusoids().sampler("val", ways=5, shots=5, query_shots=7, device="cpu", augment=None)
     x, amplitude, phase = sampler.draw()
     task = sampler.materialise(x, amplitude, phase)
     assert task.support.x.shape == task.support.y.shape == (5, 1)
@@ -52,7 +57,7 @@ def test_support_and_query_are_points_of_one_sinusoid():
 
 
 def test_fixed_tasks_depend_only_on_the_seed_and_restore_the_global_rng():
-    sampler = Sinusoids().sampler("test", ways=1, shots=5, query_shots=5, device="cpu", augment=None)
+    sampler = sinusoids().sampler("test", ways=1, shots=5, query_shots=5, device="cpu", augment=None)
 
     def points(tasks):
         return torch.stack([torch.cat([t.support.y, t.query.y]) for t in tasks])
@@ -72,7 +77,7 @@ def test_fixed_tasks_depend_only_on_the_seed_and_restore_the_global_rng():
 
 
 def test_training_tasks_follow_pythons_random_only():
-    sampler = Sinusoids().sampler("train", ways=1, shots=5, query_shots=5, device="cpu", augment=None)
+    sampler = sinusoids().sampler("train", ways=1, shots=5, query_shots=5, device="cpu", augment=None)
     random.seed(3)
     torch.manual_seed(0)
     first = sampler.sample().query.y
@@ -83,11 +88,11 @@ def test_training_tasks_follow_pythons_random_only():
 
 def test_bad_sinusoid_options_are_one_clear_error():
     with pytest.raises(DatasetError, match="dataset.amplitude must be .* low <= high"):
-        Sinusoids(amplitude=(5.0, 0.1))
+        sinusoids(amplitude=(5.0, 0.1))
     with pytest.raises(DatasetError, match="dataset.phase must be two numbers"):
-        Sinusoids(phase=(0.0,))
+        sinusoids(phase=(0.0,))
     with pytest.raises(DatasetError, match="sinusoid tasks have none; set augment=null"):
-        Sinusoids().sampler("train", 1, 5, 5, "cpu", augment=lambda x: x)
+        sinusoids().sampler("train", 1, 5, 5, "cpu", augment=lambda x: x)
 
 
 def test_build_data_takes_the_objective_from_the_dataset_and_ignores_ways(compose_cfg):
@@ -120,7 +125,7 @@ def flip(x: torch.Tensor) -> torch.Tensor:
 def test_build_data_asks_any_task_source_for_three_samplers_augmenting_training_only(compose_cfg):
     cfg = compose_cfg("ways=3", "train_ways=7", "shots=2", "train_shots=4", "query_shots=5", "train_query_shots=6")
     with open_dict(cfg):
-        cfg.dataset = {"_target_": "test_sinusoid.RecordingSource"}
+        cfg.dataset = {"_target_": "test_sinusoid.RecordingSource", **dataset_options("sinusoid")}
         cfg.augment = {"_target_": "hydra.utils.get_method", "path": "test_sinusoid.flip"}
     RecordingSource.calls.clear()
     build_data(cfg, torch.device("cpu"))

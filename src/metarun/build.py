@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from metarun import config
 from metarun.algorithms.base import Algorithm
 from metarun.config import takes_features
+from metarun.cpu import configure_cpu
 from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
-from metarun.runtime import configure_cpu
 from metarun.tasks.device import training_sampler
 from metarun.tasks.sampling import FixedTasks, Sampler, TaskSource
 from metarun.tracking import ConsoleTracker, FileTracker, Tracker, Trackers

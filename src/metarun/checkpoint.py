@@ -1,4 +1,11 @@
-"""Atomic checkpoints: the best model, and the full run state for ``resume=...``.
+"""Atomic checkpoints: the best model, and the full run state for ``resume=...``; and the one
+place that knows where a run keeps them::
+
+    RUN_DIR/checkpoints/best.pt                     the best model on validation (weights, iteration)
+    RUN_DIR/checkpoints/last.pt                     everything a resume needs (weights, optimizer, RNGs, ...)
+    RUN_DIR/checkpoints/top/iteration_0000123.pt    with eval.top_k > 1: the top_k best on validation
+
+A run tests ``best.pt``, or with ``eval.top_k > 1`` the ensemble of ``top/`` (:func:`tested`).
 
 Files are written to a temporary file in the target directory and renamed over the target
 (``os.replace`` is atomic on POSIX), so a crash mid-write never leaves a truncated
@@ -8,6 +15,7 @@ checkpoint behind and never destroys the previous one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -20,11 +28,113 @@ import torch
 from torch import nn
 
 from metarun.config import JOB_KEYS
-from metarun.errors import one_line
+from metarun.errors import CheckpointError, one_line
+
+# ----------------------------------------------------------------------------------------------
+# The layout of a run's checkpoints
+# ----------------------------------------------------------------------------------------------
+
+BEST, LAST, TOP = "best", "last", "top"
+KINDS = (BEST, LAST, TOP)  # the saved models a run has: best.pt, last.pt, the ensemble of top/
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint to resume from is missing or unreadable. The message is one line for the user."""
+def folder(run_dir: Path) -> Path:
+    """The folder of a run's checkpoints, ``RUN_DIR/checkpoints``."""
+    return Path(run_dir) / "checkpoints"
+
+
+def best_file(ckpt_dir: Path) -> Path:
+    """The best model on validation, in the checkpoint folder ``ckpt_dir``."""
+    return ckpt_dir / "best.pt"
+
+
+def last_file(ckpt_dir: Path) -> Path:
+    """The run state to resume from, in the checkpoint folder ``ckpt_dir``."""
+    return ckpt_dir / "last.pt"
+
+
+def top_file(ckpt_dir: Path, iteration: int) -> Path:
+    """The kept top-k member saved at ``iteration``, in the checkpoint folder ``ckpt_dir``."""
+    return ckpt_dir / "top" / f"iteration_{iteration:07d}.pt"
+
+
+def tested(top_k: int) -> str:
+    """What a run tests: with ``eval.top_k > 1`` the ensemble of its ``top_k`` best validation
+    checkpoints (:data:`TOP`; Antoniou et al. 2019 test MAML++ so), else ``best.pt`` (:data:`BEST`)."""
+    return TOP if top_k > 1 else BEST
+
+
+def has_any(ckpt_dir: Path) -> bool:
+    """Whether the checkpoint folder ``ckpt_dir`` holds a model: ``best.pt``, ``last.pt`` or a top-k member."""
+    return best_file(ckpt_dir).is_file() or last_file(ckpt_dir).is_file() or any(ckpt_dir.glob("top/*.pt"))
+
+
+def keep_top(ckpt_dir: Path, top: list[tuple[float, int]], score: float, iteration: int, algorithm: nn.Module,
+             top_k: int, higher_is_better: bool) -> list[tuple[float, int]]:
+    """Keep the ``top_k`` best validation checkpoints in ``top/`` (for an ensemble test): save the
+    model of ``iteration`` when its ``score`` ranks among them, delete the members it pushes out.
+
+    Args:
+        top: the ``(score, iteration)`` of the members kept so far, best first.
+        higher_is_better: the direction of ``score``.
+
+    Returns:
+        The members kept now, best first.
+    """
+    ranked = sorted([*top, (score, iteration)], key=lambda e: e[0], reverse=higher_is_better)
+    kept, dropped = ranked[:top_k], ranked[top_k:]
+    if (score, iteration) in kept:
+        save_model(top_file(ckpt_dir, iteration), algorithm, iteration)
+    for _, dropped_iteration in dropped:
+        top_file(ckpt_dir, dropped_iteration).unlink(missing_ok=True)
+    return kept
+
+
+def top_members(run_dir: Path) -> list[Path]:
+    """The run's kept top-k checkpoints, best first, as the run tested them: the order of
+    ``results.json``'s ``tested_iterations``, else of ``last.pt``'s run state (an interrupted run),
+    else by file name. The order matters: the ensemble sums the members' predictions in it.
+
+    Raises:
+        CheckpointError: the run kept none, or one of them is missing.
+    """
+    ckpt = folder(run_dir)
+    iterations: list[int] | None = None
+    if (run_dir / "results.json").is_file():
+        try:
+            iterations = list(json.loads((run_dir / "results.json").read_text())["tested_iterations"])
+        except Exception:  # noqa: BLE001 - fall through to the other sources
+            iterations = None
+    if iterations is None and last_file(ckpt).is_file():
+        try:
+            iterations = [int(i) for _, i in safe_load(last_file(ckpt))["state"]["top"]]
+        except Exception:  # noqa: BLE001
+            iterations = None
+    members = [top_file(ckpt, i) for i in iterations] if iterations else sorted(ckpt.glob("top/*.pt"))
+    if not members or not (ckpt / "top").is_dir():
+        raise CheckpointError(f"{run_dir} kept no top-k checkpoints (checkpoints/top/; a run keeps them with "
+                              f"eval.top_k > 1); use --checkpoint best or last")
+    for path in members:
+        if not path.is_file():
+            raise CheckpointError(f"{path}, a member of the run's top-k ensemble, is missing")
+    return members
+
+
+def model_files(run_dir: Path, which: str) -> list[Path]:
+    """The files of the saved model ``which`` (:data:`KINDS`) of a run: ``[best.pt]``, ``[last.pt]``,
+    or the top-k members in the order the run tested them (:func:`top_members`).
+
+    Raises:
+        CheckpointError: the file is not there (one line, naming the other choice).
+    """
+    if which == TOP:
+        return top_members(run_dir)
+    path = {BEST: best_file, LAST: last_file}[which](folder(run_dir))
+    if not path.is_file():
+        hint = {BEST: "the run has not validated yet: --checkpoint last scores checkpoints/last.pt",
+                LAST: "--checkpoint best scores checkpoints/best.pt"}[which]
+        raise CheckpointError(f"{path} not found; {hint}")
+    return [path]
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -122,14 +232,21 @@ def save_model(path: Path, algorithm: nn.Module, iteration: int) -> None:
     write({"algorithm": algorithm.state_dict(), "iteration": iteration}, path)
 
 
-def load_model(path: Path, algorithm: nn.Module) -> int:
-    """Load the meta-parameters saved by :func:`save_model`; returns the iteration they are from."""
+def load_model(path: Path, algorithm: nn.Module) -> int | None:
+    """Load the meta-parameters saved by :func:`save_model` (or :func:`save_run`); returns the
+    iteration they are from."""
     saved = safe_load(path)
     try:
         algorithm.load_state_dict(saved["algorithm"])
     except RuntimeError as error:
         raise CheckpointError(f"{path} holds another architecture: {one_line(error)}") from None
-    return saved["iteration"]
+    return saved_iteration(saved)
+
+
+def saved_iteration(saved: dict[str, Any]) -> int | None:
+    """The iteration of a loaded checkpoint: a model's own, else its run state's (``last.pt``)."""
+    state = saved.get("state")
+    return saved.get("iteration", state.get("iteration") if isinstance(state, dict) else None)
 
 
 def save_run(path: Path, algorithm: nn.Module, optimizer: torch.optim.Optimizer,
@@ -155,7 +272,7 @@ def resolve(resume: str | Path) -> Path:
     """A checkpoint file, or a run directory holding ``checkpoints/last.pt``."""
     path = Path(resume).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = last_file(folder(path))
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume at {path}; pass resume=<run dir> or resume=<file.pt>")
     return path
@@ -224,11 +341,13 @@ def restore_run(saved: dict[str, Any], path: Path, algorithm: nn.Module, optimiz
     return saved["state"]
 
 
-def carry_over(source_dir: Path, target_dir: Path, names: list[str]) -> None:
-    """Copy the checkpoint files ``names`` (relative paths) of a resumed run into the new run's
-    checkpoint directory, unless it is the same directory."""
-    for name in names:
-        source, target = source_dir / name, target_dir / name
+def carry_over(source_dir: Path, target_dir: Path, top_iterations: list[int]) -> None:
+    """Copy the best models of a resumed run (``best.pt`` and the top-k members saved at
+    ``top_iterations``) from its checkpoint folder into the new run's, unless it is the same
+    folder: they belong to the run and can still win."""
+    pairs = [(best_file(source_dir), best_file(target_dir)),
+             *((top_file(source_dir, i), top_file(target_dir, i)) for i in top_iterations)]
+    for source, target in pairs:
         if source.is_file() and source.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)

@@ -1,15 +1,13 @@
 """The ``metarun`` command: compose the config with Hydra, print it, run, return the objective.
 
 Errors a user can fix (bad values, missing or corrupt data, a bad checkpoint, a non-finite
-loss) are printed as one line, ``metarun: error: ...``, with exit status 2.
+loss) are printed as one line, ``metarun: error: ...``, with exit status 2
+(:func:`metarun.commands.user_errors`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from metarun import config  # registers the run_schema with Hydra's ConfigStore
-from metarun.checkpoint import CheckpointError
-from metarun.errors import ConfigError, DatasetError, NonFiniteLossError
-from metarun.loop import OutputExistsError, run
-
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError)
-
-# conf/ sits at the top of the repository, next to src/ (metarun is installed editable).
-CONFIG_DIR = os.environ.get("METARUN_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
-
-
-def user_error(error: BaseException) -> BaseException | None:
-    """The user-fixable error behind ``error`` (Hydra wraps errors raised while instantiating)."""
-    while error is not None:
-        if isinstance(error, USER_ERRORS):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+from metarun import checkpoint, config  # config registers the run_schema with Hydra's ConfigStore
+from metarun.commands import CONFIG_DIR, GROUPS, fail, user_errors
+from metarun.loop import run
 
 
 def wandb_defaults(cfg: DictConfig) -> dict[str, Any]:
@@ -55,39 +38,15 @@ def wandb_defaults(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def fail(message: str) -> None:
-    print(f"metarun: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-@contextlib.contextmanager
-def user_errors(interrupted: str) -> Iterator[None]:
-    """What a user can fix ends as one ``metarun: error:`` line and exit 2 (:func:`user_error`),
-    Ctrl-C as ``metarun: <interrupted>`` and exit 130; anything else is a bug and keeps its traceback."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print(f"metarun: {interrupted}", file=sys.stderr)
-        sys.exit(130)
-    except Exception as error:
-        cause = user_error(error)
-        if cause is None:
-            raise
-        fail(str(cause))
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run_job(cfg: DictConfig) -> float:
     output_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
-    with user_errors(f"interrupted; checkpoints so far are in {output_dir / 'checkpoints'}: continue with "
+    with user_errors(f"interrupted; checkpoints so far are in {checkpoint.folder(output_dir)}: continue with "
                      f"resume={output_dir}"):
         config.check_references(cfg)  # before printing the resolved config
         if cfg.console:
             print(OmegaConf.to_yaml(cfg, resolve=True))
         return run(cfg, output_dir, wandb_defaults(cfg))
-
-
-GROUPS = ("dataset", "algorithm", "backbone", "optimizer", "scheduler", "augment")
 
 
 def check_arguments(args: list[str]) -> None:

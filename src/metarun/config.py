@@ -58,7 +58,7 @@ class RunConfig:
     seed: int = MISSING
     device: str = MISSING  # auto | cpu | cuda | cuda:N ; auto picks cuda when available; ${metarun.job_gpu:} in sweeps
     threads: int = MISSING  # torch CPU threads; 0 keeps torch's default (one per core), which crawls on a busy CPU
-    keep_freed_memory: bool = MISSING  # glibc malloc keeps freed memory (metarun.runtime.keep_freed_memory_for_reuse)
+    keep_freed_memory: bool = MISSING  # glibc malloc keeps freed memory (metarun.cpu.keep_freed_memory_for_reuse)
     iterations: int = MISSING  # meta-training iterations (one meta-batch each)
     meta_batch_size: int = MISSING  # tasks per meta-update
     sampler: str = MISSING  # meta-training tasks: device (a meta-batch in a few tensor ops, metarun.tasks.device)

@@ -15,6 +15,14 @@ class NonFiniteLossError(FloatingPointError):
     """The meta-training loss became NaN or infinite."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from or to score is missing or unreadable. The message is one line for the user."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already holds a finished run."""
+
+
 def one_line(error: BaseException) -> str:
     """The first line of an error's message (or its type), for one-line user messages."""
     text = str(error).strip()

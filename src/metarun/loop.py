@@ -1,9 +1,10 @@
-"""Meta-training and evaluation, in plain functions a newcomer reads top to bottom.
+"""Meta-training and testing, in plain functions a newcomer reads top to bottom.
 
 The loop owns sampling, the meta-optimizer and its schedule, the non-finite check, clipping,
 metrics and checkpoints; it calls the algorithm only through its contract (``on_iteration``,
 ``meta_step``, ``run_tasks``, ``eval_inner_steps``) and never looks inside it. Validation and
-testing share :func:`evaluate`.
+testing share :func:`score_tasks`; a run and ``metarun-eval`` test a saved model with
+:func:`score_checkpoints` and write what it scored with :func:`report`.
 """
 
 from __future__ import annotations
@@ -28,126 +29,14 @@ from torch import nn
 from metarun import checkpoint, config
 from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.build import build
-from metarun.errors import ConfigError, NonFiniteLossError
-from metarun.objectives import Curve, Objective, TaskResult
+from metarun.errors import ConfigError, NonFiniteLossError, OutputExistsError
+from metarun.objectives import Objective, TaskResult
+from metarun.statistics import TaskScores, final_values
 from metarun.tasks.device import sample_tasks
 from metarun.tasks.sampling import FixedTasks, Sampler
 from metarun.tracking import Tracker, final_line
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AxisValues:
-    """Every task's metrics on one axis other than the adaptation step (e.g. the instance number of a class
-    within a sequential episode).
-
-    Attributes:
-        positions: the axis values that occur in any task, increasing.
-        metrics: metric name -> ``[tasks, len(positions)]`` float64, NaN where a task has no value.
-    """
-
-    positions: list[int]
-    metrics: dict[str, torch.Tensor]
-
-    @classmethod
-    def of(cls, curves: list[Curve | None]) -> AxisValues:
-        """From one curve per task (None: the task has none), aligned on the union of their positions."""
-        present = [c for c in curves if c is not None]
-        positions = sorted({int(p) for c in present for p in c.positions.tolist()})
-        column = {p: i for i, p in enumerate(positions)}
-        names = list(dict.fromkeys(name for c in present for name in c.metrics))
-        metrics = {name: torch.full((len(curves), len(positions)), math.nan, dtype=torch.float64) for name in names}
-        for t, curve in enumerate(curves):
-            if curve is None:
-                continue
-            columns = torch.tensor([column[int(p)] for p in curve.positions.tolist()], dtype=torch.long)
-            for name, values in curve.metrics.items():
-                metrics[name][t, columns] = values.detach().to(device="cpu", dtype=torch.float64)
-        return cls(positions=positions, metrics=metrics)
-
-
-@dataclass
-class Evaluation:
-    """Query metrics of fixed tasks after each adaptation step.
-
-    Attributes:
-        loss: ``[tasks, steps + 1]`` query loss after 0..steps adaptation steps.
-        accuracy: same shape, query accuracy in [0, 1]; None for regression.
-        ci_z: z-value of the confidence interval (1.96 for 95%).
-        loss_metric: the objective's name for the loss when it is the task's metric (``"mse"``
-            for regression), reported under that name too; None for classification.
-        axes: the fully adapted learners' curves on other axes (``TaskResult.curves``), by axis
-            name (``"instance"``); empty for the methods that give none.
-    """
-
-    loss: torch.Tensor
-    accuracy: torch.Tensor | None
-    ci_z: float
-    loss_metric: str | None = None
-    axes: dict[str, AxisValues] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, results: list[list[TaskResult]], ci_z: float, loss_metric: str | None) -> Evaluation:
-        """From ``results[task][step]``; the curves on other axes are those of the last step."""
-        loss = torch.stack([torch.stack([r.loss for r in task]) for task in results]).cpu()
-        accuracy = None
-        if results[0][0].accuracy is not None:
-            accuracy = torch.stack([torch.stack([r.accuracy for r in task]) for task in results]).cpu()
-        final = [task[-1].curves or {} for task in results]
-        names = list(dict.fromkeys(axis for curves in final for axis in curves))
-        axes = {axis: AxisValues.of([curves.get(axis) for curves in final]) for axis in names}
-        return cls(loss=loss, accuracy=accuracy, ci_z=ci_z, loss_metric=loss_metric, axes=axes)
-
-    def _ci(self, values: torch.Tensor) -> torch.Tensor:
-        n = values.shape[0]
-        std = values.std(dim=0, unbiased=True) if n > 1 else torch.zeros(values.shape[1])
-        return self.ci_z * std / math.sqrt(n)
-
-    def summary(self) -> dict[str, list[float]]:
-        """Mean and CI half-width per adaptation step: ``{"loss_mean": [...], "acc_ci95": [...], ...}``
-        (``mse_mean``/``mse_ci95``, copies of the loss, instead of ``acc_*`` for regression)."""
-        out = {"loss_mean": self.loss.mean(0).tolist(), "loss_ci95": self._ci(self.loss).tolist()}
-        if self.accuracy is not None:
-            out["acc_mean"] = self.accuracy.mean(0).tolist()
-            out["acc_ci95"] = self._ci(self.accuracy).tolist()
-        if self.loss_metric is not None:
-            out[f"{self.loss_metric}_mean"] = out["loss_mean"]
-            out[f"{self.loss_metric}_ci95"] = out["loss_ci95"]
-        return out
-
-    def axis_summaries(self) -> dict[str, dict[str, list]]:
-        """Mean and CI half-width over the tasks that have a value, per position of every other
-        axis: ``{"instance": {"position": [1, 2, ...], "acc_mean": [...], "acc_ci95": [...]}}``.
-        A position no task has is None (JSON null); one task alone has a CI of 0."""
-        out: dict[str, dict[str, list]] = {}
-        for axis, values in self.axes.items():
-            summary: dict[str, list] = {"position": list(values.positions)}
-            for name, table in values.metrics.items():
-                valid = ~torch.isnan(table)
-                n = valid.sum(0).to(torch.float64)  # [P] tasks with a value
-                mean = torch.where(valid, table, 0.0).sum(0) / n
-                squares = torch.where(valid, table - mean, 0.0).pow(2).sum(0)
-                std = torch.where(n > 1, squares / (n - 1).clamp(min=1), 0.0).sqrt()
-                ci = self.ci_z * std / n.sqrt()
-                summary[f"{name}_mean"] = [None if k == 0 else float(m) for m, k in zip(mean, n, strict=True)]
-                summary[f"{name}_ci95"] = [None if k == 0 else float(c) for c, k in zip(ci, n, strict=True)]
-            out[axis] = summary
-        return out
-
-    def curves(self) -> dict[str, Any]:
-        """What results.json holds for a split: :meth:`summary`, and :meth:`axis_summaries` under
-        their axis names."""
-        return {**self.summary(), **self.axis_summaries()}
-
-    def final_metrics(self, split: str) -> dict[str, float]:
-        """Means after the last adaptation step: ``{"val/loss": ..., "val/acc": ...}`` (``val/mse`` for regression)."""
-        return {f"{split}/{key.removesuffix('_mean')}": values[-1]
-                for key, values in self.summary().items() if key.endswith("_mean")}
-
-    def score(self, metric: str) -> float:
-        """The mean of ``metric`` (``"acc"``, ``"mse"``, ``"loss"``) after the last adaptation step."""
-        return self.summary()[f"{metric}_mean"][-1]
 
 
 @contextlib.contextmanager
@@ -178,34 +67,17 @@ def task_results(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool) 
         return algorithm.run_tasks(tasks, algorithm.eval_inner_steps, every_step=True)
 
 
-def final_values(split: str, curves: dict[str, Any]) -> dict[str, float | None]:
-    """The flat keys of a split's curves (:meth:`Evaluation.curves`): every per-step metric after
-    the last adaptation step (``test/acc_mean``, ``test/acc_ci95``, ...), and every position of
-    every other axis (``test/acc_instance_2_mean``, ``test/acc_instance_2_ci95``, ...)."""
-    out: dict[str, float | None] = {}
-    for key, values in curves.items():
-        if isinstance(values, dict):  # another axis: {"position": [...], "acc_mean": [...], ...}
-            for name, column in values.items():
-                if name != "position":
-                    metric, _, statistic = name.rpartition("_")
-                    for position, value in zip(values["position"], column, strict=True):
-                        out[f"{split}/{metric}_{key}_{position}_{statistic}"] = value
-        else:
-            out[f"{split}/{key}"] = values[-1]
-    return out
-
-
-def evaluate(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float,
-             loss_metric: str | None = None) -> Evaluation:
+def score_tasks(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float,
+                loss_metric: str | None = None) -> TaskScores:
     """Query metrics of every fixed task after every adaptation step.
 
     ``loss_metric`` is the objective's name for the loss when it is the metric (``"mse"``).
     """
-    return Evaluation.of(task_results(algorithm, tasks, bn_batch_stats), ci_z, loss_metric)
+    return TaskScores.of(task_results(algorithm, tasks, bn_batch_stats), ci_z, loss_metric)
 
 
-def evaluate_ensemble(algorithm: Algorithm, checkpoints: list[Path], tasks: FixedTasks, objective: Objective,
-                      bn_batch_stats: bool, ci_z: float) -> Evaluation:
+def score_ensemble(algorithm: Algorithm, checkpoints: list[Path], tasks: FixedTasks, objective: Objective,
+                   bn_batch_stats: bool, ci_z: float) -> TaskScores:
     """Query metrics of the ensemble of the models saved in ``checkpoints``, after every step.
 
     Each model adapts to each task on its own; the ensemble's prediction after step k is the
@@ -220,7 +92,38 @@ def evaluate_ensemble(algorithm: Algorithm, checkpoints: list[Path], tasks: Fixe
         [objective.ensemble([member[t][k] for member in members], task.query) for k in range(len(members[0][t]))]
         for t, task in enumerate(tasks)
     ]
-    return Evaluation.of(combined, ci_z, objective.loss_metric)
+    return TaskScores.of(combined, ci_z, objective.loss_metric)
+
+
+def score_checkpoints(algorithm: Algorithm, which: str, files: list[Path], splits: dict[str, FixedTasks],
+                      objective: Objective, bn_batch_stats: bool, ci_z: float) -> dict[str, TaskScores]:
+    """Query metrics of a saved model on the fixed tasks of each split (``{"val": tasks, ...}``),
+    as a run tests it: the ensemble of ``files`` when ``which`` is :data:`checkpoint.TOP`
+    (:func:`score_ensemble`), else the one model in ``files``. ``algorithm`` ends holding the last
+    file's weights."""
+    if which == checkpoint.TOP:
+        return {split: score_ensemble(algorithm, files, tasks, objective, bn_batch_stats, ci_z)
+                for split, tasks in splits.items()}
+    (path,) = files
+    checkpoint.load_model(path, algorithm)
+    return {split: score_tasks(algorithm, tasks, bn_batch_stats, ci_z, objective.loss_metric)
+            for split, tasks in splits.items()}
+
+
+def report(tracker: Tracker, results: dict[str, Any], split: str, console: bool) -> None:
+    """Write what a tested model scored, as a run and ``metarun-eval`` both end.
+
+    The trackers get the curves of ``results["curves"]`` (``metrics.jsonl``, ``adaptation.png``,
+    the console's per-step table, W&B); ``results`` gains the flat keys of ``split``'s curves
+    (``test/acc_mean``, ``test/acc_ci95``, ... ``test/mse_*`` for regression,
+    ``test/acc_instance_2_mean``, ...) and goes to ``results.json`` and the trackers' summaries.
+    Quiet commands (``console`` off: no table) still end with the result and where it is on stdout.
+    """
+    tracker.log_adaptation(results["curves"])
+    results.update(final_values(split, results["curves"][split]))
+    tracker.finish(results)
+    if not console:
+        print(final_line(results), flush=True)
 
 
 @dataclass
@@ -246,22 +149,6 @@ class RunState:
             saved["best_val"] = None if not math.isfinite(old) else (old if objective.higher_is_better else -old)
         saved["top"] = [tuple(entry) for entry in saved.get("top", [])]
         return cls(**saved)
-
-
-def top_checkpoint(ckpt_dir: Path, iteration: int) -> Path:
-    return ckpt_dir / "top" / f"iteration_{iteration:07d}.pt"
-
-
-def keep_top(state: RunState, score: float, algorithm: Algorithm, ckpt_dir: Path, top_k: int,
-             objective: Objective) -> None:
-    """Keep the ``top_k`` best validation checkpoints in ``checkpoints/top/`` (for an ensemble test)."""
-    ranked = sorted([*state.top, (score, state.iteration)], key=lambda e: e[0], reverse=objective.higher_is_better)
-    kept, dropped = ranked[:top_k], ranked[top_k:]
-    if (score, state.iteration) in kept:
-        checkpoint.save_model(top_checkpoint(ckpt_dir, state.iteration), algorithm, state.iteration)
-    for _, iteration in dropped:
-        top_checkpoint(ckpt_dir, iteration).unlink(missing_ok=True)
-    state.top = kept
 
 
 def meta_train(
@@ -293,15 +180,14 @@ def meta_train(
     (:func:`checkpoint.read_run`). Returns the final state.
     """
     state = RunState()
-    ckpt_dir = output_dir / "checkpoints"
+    ckpt_dir = checkpoint.folder(output_dir)
     checkpoint.remove_temporaries(ckpt_dir)
     if resume is not None:
         resume_from, saved = resume
         state = RunState.from_saved(checkpoint.restore_run(saved, resume_from, algorithm, optimizer, scheduler),
                                     objective)
         # The best models so far belong to the resumed run; carry them over so they can still win.
-        checkpoint.carry_over(resume_from.parent, ckpt_dir, ["best.pt", *(str(top_checkpoint(Path(), i))
-                                                                          for _, i in state.top)])
+        checkpoint.carry_over(resume_from.parent, ckpt_dir, [iteration for _, iteration in state.top])
         log.info("resumed from %s at iteration %d", resume_from, state.iteration)
     update = MetaUpdate(optimizer, grad_clip)
     tracker.start_training(iterations, state.iteration)
@@ -323,24 +209,21 @@ def meta_train(
             state.iteration += 1
             tracker.log(metrics, state.iteration)
             if state.iteration % eval_every == 0 or state.iteration == iterations:
-                val = evaluate(algorithm, val_tasks, bn_batch_stats, ci_z, objective.loss_metric)
+                val = score_tasks(algorithm, val_tasks, bn_batch_stats, ci_z, objective.loss_metric)
                 score = val.score(objective.metric)
                 if objective.better(score, state.best_val):
                     state.best_val, state.best_iteration = score, state.iteration
-                    checkpoint.save_model(ckpt_dir / "best.pt", algorithm, state.iteration)
-                if top_k > 1:
-                    keep_top(state, score, algorithm, ckpt_dir, top_k, objective)
+                    checkpoint.save_model(checkpoint.best_file(ckpt_dir), algorithm, state.iteration)
+                if checkpoint.tested(top_k) == checkpoint.TOP:
+                    state.top = checkpoint.keep_top(ckpt_dir, state.top, score, state.iteration, algorithm, top_k,
+                                                    objective.higher_is_better)
                 tracker.log(val.final_metrics("val"), state.iteration)
             if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
-                checkpoint.save_run(ckpt_dir / "last.pt", algorithm, optimizer, scheduler, state, run_config or {},
+                checkpoint.save_run(checkpoint.last_file(ckpt_dir), algorithm, optimizer, scheduler, state, run_config or {},
                                     tracker.run_id)
     finally:
         tracker.end_training()
     return state
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory already holds a finished run."""
 
 
 def check_writable(output_dir: Path) -> None:
@@ -393,7 +276,8 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     run_config = OmegaConf.to_container(cfg, resolve=False)
     resume = None
     # resume=auto: this job's own last.pt (a requeued or relaunched job), else a new run.
-    resume_target = (output_dir if (output_dir / "checkpoints" / "last.pt").is_file() else None) if auto else cfg.resume
+    own_last = checkpoint.last_file(checkpoint.folder(output_dir))
+    resume_target = (output_dir if own_last.is_file() else None) if auto else cfg.resume
     if resume_target:
         resume_from = checkpoint.resolve(resume_target)
         resume = (resume_from, checkpoint.read_run(resume_from, run_config))
@@ -412,27 +296,19 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     )
     train_seconds = time.perf_counter() - started
 
-    ckpt_dir = output_dir / "checkpoints"
-    if cfg.eval.top_k > 1:
-        tested = [top_checkpoint(ckpt_dir, iteration) for _, iteration in state.top]
-        curves = {
-            split: evaluate_ensemble(parts.algorithm, tested, tasks, objective, cfg.eval.bn_batch_stats,
-                                     cfg.eval.ci_z).summary()
-            for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
-        }
+    ckpt_dir = checkpoint.folder(output_dir)
+    which = checkpoint.tested(cfg.eval.top_k)
+    if which == checkpoint.TOP:
+        tested_iterations = [iteration for _, iteration in state.top]
+        files = [checkpoint.top_file(ckpt_dir, iteration) for iteration in tested_iterations]
     else:
-        checkpoint.load_model(ckpt_dir / "best.pt", parts.algorithm)
-        curves = {
-            split: evaluate(parts.algorithm, tasks, cfg.eval.bn_batch_stats, cfg.eval.ci_z,
-                            objective.loss_metric).curves()
-            for split, tasks in (("val", parts.val_tasks), ("test", parts.test_tasks))
-        }
-    parts.tracker.log_adaptation(curves)
-    test = curves["test"]
+        tested_iterations, files = [state.best_iteration], [checkpoint.best_file(ckpt_dir)]
+    scores = score_checkpoints(parts.algorithm, which, files, {"val": parts.val_tasks, "test": parts.test_tasks},
+                               objective, cfg.eval.bn_batch_stats, cfg.eval.ci_z)
     results: dict[str, Any] = {
         "best_iteration": state.best_iteration,
         f"best_val_{objective.metric}": state.best_val,
-        "tested_iterations": [iteration for _, iteration in state.top] if cfg.eval.top_k > 1 else [state.best_iteration],
+        "tested_iterations": tested_iterations,
         "eval_tasks": len(parts.test_tasks),
         "eval_inner_steps": parts.algorithm.eval_inner_steps,
         "train_seconds": train_seconds,
@@ -440,13 +316,8 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         "device": str(parts.device),
         "hardware": hardware(parts.device),
         "output_dir": str(output_dir),
-        "curves": curves,
+        "curves": {split: split_scores.curves() for split, split_scores in scores.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    # test/acc_mean, test/acc_ci95, test/loss_mean, ... (test/mse_* for regression), test/acc_instance_2_mean, ...
-    results.update(final_values("test", test))
-    parts.tracker.finish(results)
-    if not cfg.console:
-        # Quiet runs (no progress bar, no table) still end with the test result and where it is.
-        print(final_line(results), flush=True)
+    report(parts.tracker, results, "test", cfg.console)
     return state.best_val

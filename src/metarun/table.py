@@ -1,5 +1,7 @@
 """The ``metarun-table`` command: a paper table from experiment presets, over seeds.
 
+One thing: the command, from the presets and their sweep to table.md, table.csv and table.png.
+
 ::
 
     metarun-table 'maml_omniglot_*' protonet_omniglot_5w1s --seeds 0 1 2 dataset.root=/data/omniglot
@@ -49,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from metarun.commands import CONFIG_DIR
 from metarun.config import UNNAMED_KEYS
 
 # Overrides that say where things are or how a job runs, not what it computes: they do not split rows.
@@ -77,8 +80,6 @@ class TableError(RuntimeError):
 
 
 def config_dir() -> Path:
-    from metarun.cli import CONFIG_DIR
-
     return Path(CONFIG_DIR)
 
 

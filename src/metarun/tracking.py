@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metarun import checkpoint
 from metarun.errors import ConfigError, one_line
+from metarun.plots import metric_label, plot_adaptation, plot_axis
+from metarun.statistics import axis_metric, curve_metric, metric_names
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +131,6 @@ def axis_rows(axis: str, splits: dict[str, dict[str, list]]) -> list[dict[str, f
     return rows
 
 
-def axis_metric(splits: dict[str, dict[str, list]]) -> str:
-    """The metric that tables and plots of an axis show: ``"acc"`` when there is one."""
-    names = [m for summary in splits.values() for m in metric_names(summary)]
-    return "acc" if "acc" in names else names[0]
-
-
 class FileTracker(Tracker):
     """Writes ``metrics.jsonl`` (one line per log call), ``results.json`` and ``adaptation.png``
     (and ``<axis>.png`` for a curve on another axis, e.g. ``instance.png``).
@@ -167,69 +164,6 @@ class FileTracker(Tracker):
         tmp = self.output_dir / ".results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
         os.replace(tmp, self.output_dir / "results.json")
-
-
-def metric_names(summary: dict[str, list[float]]) -> list[str]:
-    """The metrics of a summary, e.g. ``["loss", "acc"]`` for ``loss_mean``, ``loss_ci95``, ``acc_mean``, ..."""
-    return [key.removesuffix("_mean") for key in summary if key.endswith("_mean")]
-
-
-def curve_metric(curves: dict[str, dict[str, list[float]]]) -> str:
-    """The metric every split has that tables and plots show: ``"acc"`` for classification, the
-    objective's own name for its loss (``"mse"``) for regression, else ``"loss"``."""
-    common = set.intersection(*(set(metric_names(summary)) for summary in curves.values())) - {"loss"}
-    return "acc" if "acc" in common else min(common, default="loss")
-
-
-def metric_label(metric: str) -> str:
-    """How a metric name reads in a title: ``accuracy``, ``loss``, ``MSE``."""
-    return {"acc": "accuracy", "loss": "loss"}.get(metric, metric.upper())
-
-
-def plot_adaptation(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
-    """Query accuracy (or loss, for regression) against adaptation step, with CI bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = curve_metric(curves)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for split, summary in curves.items():
-        mean, ci = summary[f"{metric}_mean"], summary[f"{metric}_ci95"]
-        ax.errorbar(range(len(mean)), mean, yerr=ci, marker="o", capsize=3, label=split)
-    ax.set_xlabel("adaptation step")
-    ax.set_ylabel(f"query {metric_label(metric)}")
-    ax.set_xticks(range(max(len(s[f"{metric}_mean"]) for s in curves.values())))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_axis(axis: str, splits: dict[str, dict[str, list]], path: Path) -> None:
-    """A metric (accuracy when there is one) against the positions of ``axis``, with CI bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = axis_metric(splits)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for split, summary in splits.items():
-        shown = [(p, m, c) for p, m, c in zip(summary["position"], summary[f"{metric}_mean"],
-                                              summary[f"{metric}_ci95"], strict=True) if m is not None]
-        if shown:
-            positions, means, cis = zip(*shown, strict=True)
-            ax.errorbar(positions, means, yerr=cis, marker="o", capsize=3, label=split)
-    ax.set_xlabel(axis)
-    ax.set_ylabel(metric_label(metric))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def wandb_has_api_key() -> bool:
@@ -366,7 +300,7 @@ class WandbTracker(Tracker):
             f"test/{metric}_mean": results[f"test/{metric}_mean"], f"test/{metric}_ci95": results[f"test/{metric}_ci95"],
             "eval_tasks": results["eval_tasks"], "iteration": results["best_iteration"], "config_sha256": config_hash,
         })
-        artifact.add_file(str(Path(results["output_dir"]) / "checkpoints" / "best.pt"))
+        artifact.add_file(str(checkpoint.best_file(checkpoint.folder(Path(results["output_dir"])))))
         self.run.log_artifact(artifact, aliases=["best"])
 
 

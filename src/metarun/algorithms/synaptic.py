@@ -17,17 +17,10 @@ from metarun.tasks.types import TaskSplit
 
 # The terms a rule may combine, for the synapse from presynaptic unit i to postsynaptic unit j of
 # one layer. ``pre`` is x_i, ``post`` is y_j (the unit's activity), ``error`` is m_j (its
-# modulatory signal), ``weight`` is w_ji itself.
+# modulatory signal), ``weight`` is w_ji itself: pre_error = m_j * x_i (error-modulated Hebb, the
+# delta rule), pre_post = y_j * x_i (Hebb), post_error = y_j * m_j, and weight as decay (negative
+# coefficient) or growth.
 TERMS = ("pre_error", "pre_post", "post_error", "pre", "post", "error", "weight")
-TERM_FORMULAS = {
-    "pre_error": "m_j * x_i",   # error-modulated Hebb: the delta rule
-    "pre_post": "y_j * x_i",    # Hebb
-    "post_error": "y_j * m_j",
-    "pre": "x_i",
-    "post": "y_j",
-    "error": "m_j",
-    "weight": "w_ji",           # decay (negative) or growth
-}
 FEEDBACKS = ("weights", "random")
 
 

@@ -123,12 +123,12 @@ FC100_PICKLES = {
 
 def load_cifarfs(
     root: str,
-    download: bool = False,
-    format: str = "auto",
-    image_size: int = 32,
-    channels: int = 3,
-    cache_dir: str | None = None,
-    within_group: bool = False,
+    download: bool,
+    format: str,
+    image_size: int,
+    channels: int,
+    cache_dir: str | None,
+    within_group: bool,
 ) -> ClassSplits:
     """CIFAR-FS (Bertinetto et al. 2019): 64/16/20 CIFAR-100 classes, uint8 ``[N, 3, S, S]``.
 
@@ -170,13 +170,13 @@ def load_cifarfs(
 
 def load_fc100(
     root: str,
-    download: bool = False,
-    format: str = "auto",
-    image_size: int = 32,
-    channels: int = 3,
-    checksums: dict[str, str] | str | None = None,
-    cache_dir: str | None = None,
-    within_group: bool = False,
+    download: bool,
+    format: str,
+    image_size: int,
+    channels: int,
+    checksums: dict[str, str] | str | None,
+    cache_dir: str | None,
+    within_group: bool,
 ) -> ClassSplits:
     """FC100 (Oreshkin et al. 2018): 60/20/20 CIFAR-100 classes of 12/4/4 superclasses, uint8 ``[N, 3, S, S]``.
 

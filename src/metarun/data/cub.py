@@ -58,13 +58,13 @@ SPLITS = ("closer_look", "meta_dataset")
 
 def load_cub(
     root: str,
-    download: bool = False,
-    split: str = "closer_look",
-    image_size: int = 84,
-    channels: int = 3,
-    bounding_box: bool = False,
-    cache_dir: str | None = None,
-    within_group: bool = False,
+    download: bool,
+    split: str,
+    image_size: int,
+    channels: int,
+    bounding_box: bool,
+    cache_dir: str | None,
+    within_group: bool,
 ) -> ClassSplits:
     """CUB-200-2011 cut into train/val/test classes, uint8 ``[N, 3, S, S]`` images.
 

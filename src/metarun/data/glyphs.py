@@ -3,6 +3,9 @@
 Made-up alphabets of made-up characters, each character drawn 20 times "by different people".
 It is metarun's default dataset: ``make run`` and the test suite need no download.
 
+One thing: the glyphs dataset, from the stroke generator to its cached class splits (the
+generator is most of it, and nothing else uses it).
+
 How a character is made, top to bottom:
 
 * An **alphabet** has a style: a small vocabulary of reusable strokes, favourite stroke kinds

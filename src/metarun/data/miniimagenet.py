@@ -59,14 +59,14 @@ FORMATS = ("auto", "pickle", "folder")
 
 def load_miniimagenet(
     root: str,
-    download: bool = False,
-    format: str = "auto",
-    split_dir: str | None = None,
-    image_size: int = 84,
-    channels: int = 3,
-    checksums: dict[str, str] | str | None = None,
-    cache_dir: str | None = None,
-    within_group: bool = False,
+    download: bool,
+    format: str,
+    split_dir: str | None,
+    image_size: int,
+    channels: int,
+    checksums: dict[str, str] | str | None,
+    cache_dir: str | None,
+    within_group: bool,
 ) -> ClassSplits:
     """mini-ImageNet's 64/16/20 classes (Ravi & Larochelle 2017) as uint8 ``[N, 3, S, S]`` images.
 

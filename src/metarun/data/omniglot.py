@@ -5,6 +5,9 @@ program induction", Science 350(6266). The official release is two zips of 105x1
 ink on white: ``images_background`` (30 alphabets, 964 characters) and ``images_evaluation``
 (20 alphabets, 659 characters), laid out as ``<part>/<Alphabet>/characterNN/<drawing>.png``.
 
+One thing: the Omniglot dataset, from the official zips to its class splits (MAML's, Vinyals', by
+alphabet), with rotations and the cache.
+
 Reading goes in two steps:
 
 1. :func:`load_omniglot_classes` finds the files (folders or the official zips, optionally in a
@@ -101,17 +104,17 @@ _ROTATION_SUFFIX = re.compile(r"/rot\d{3}$")
 
 def load_omniglot(
     root: str,
-    download: bool = False,
-    image_size: int = 28,
-    rotations: bool | str | list[str] = True,
-    split: str = "maml",
-    split_seed: int = 1,
-    split_sizes: tuple[int, int, int] | list[int] = (1100, 100, 423),
-    split_dir: str | None = None,
-    cache_dir: str | None = None,
-    val_alphabets: int = 10,
-    within_group: bool | str | list[str] = False,
-    channels: int = 1,
+    download: bool,
+    image_size: int,
+    rotations: bool | str | list[str],
+    split: str,
+    split_seed: int,
+    split_sizes: tuple[int, int, int] | list[int],
+    split_dir: str | None,
+    cache_dir: str | None,
+    val_alphabets: int,
+    within_group: bool | str | list[str],
+    channels: int,
 ) -> ClassSplits:
     """Omniglot (Lake et al. 2015) cut into meta-train, meta-validation and meta-test classes.
 

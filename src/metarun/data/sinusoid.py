@@ -16,7 +16,6 @@ are drawn from the run's random stream.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -53,8 +52,7 @@ class Sinusoids:
         objective: :class:`Regression` with 1-dimensional targets (MSE, no accuracy).
     """
 
-    def __init__(self, amplitude: Sequence[float] = (0.1, 5.0), phase: Sequence[float] = (0.0, math.pi),
-                 x_range: Sequence[float] = (-5.0, 5.0)) -> None:
+    def __init__(self, amplitude: Sequence[float], phase: Sequence[float], x_range: Sequence[float]) -> None:
         self.amplitude = check_range("amplitude", amplitude)
         self.phase = check_range("phase", phase)
         self.x_range = check_range("x_range", x_range)

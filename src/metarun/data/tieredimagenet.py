@@ -52,13 +52,13 @@ L2L_SUBDIR = "tiered-imagenet"
 
 def load_tieredimagenet(
     root: str,
-    download: bool = False,
-    format: str = "auto",
-    image_size: int = 84,
-    channels: int = 3,
-    checksums: dict[str, str] | str | None = None,
-    cache_dir: str | None = None,
-    within_group: bool = False,
+    download: bool,
+    format: str,
+    image_size: int,
+    channels: int,
+    checksums: dict[str, str] | str | None,
+    cache_dir: str | None,
+    within_group: bool,
 ) -> ClassSplits:
     """tiered-ImageNet's 351/97/160 classes (Ren et al. 2018) as uint8 ``[N, 3, S, S]`` images.
 

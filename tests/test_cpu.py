@@ -1,4 +1,4 @@
-"""metarun.runtime: the process-wide CPU settings."""
+"""metarun.cpu: the process-wide CPU and allocator settings."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import pytest
 # keep_freed_memory_for_reuse, in a fresh process: the setting is process-wide.
 FAULTS = r"""
 import resource, sys, torch
-from metarun.runtime import keep_freed_memory_for_reuse
+from metarun.cpu import keep_freed_memory_for_reuse
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,4 +1,5 @@
-"""Process-wide CPU settings that a run (training or evaluation) applies before it builds anything."""
+"""Process-wide CPU and allocator settings (torch's thread count, glibc's malloc) that a run, training
+or evaluation, applies before it builds anything."""
 
 from __future__ import annotations
 

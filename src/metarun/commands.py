@@ -1,0 +1,52 @@
+"""What the commands (``metarun``, ``metarun-eval``, ``metarun-table``) share: where ``conf/`` is,
+the config groups, and errors a user can fix as one line, ``metarun: error: ...``, exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from metarun.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError, OutputExistsError
+
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError)
+
+# conf/ sits at the top of the repository, next to src/ (metarun is installed editable).
+CONFIG_DIR = os.environ.get("METARUN_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+# The config groups a command line may choose an option of (``algorithm=protonet``).
+GROUPS = ("dataset", "algorithm", "backbone", "optimizer", "scheduler", "augment")
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The user-fixable error behind ``error`` (Hydra wraps errors raised while instantiating)."""
+    while error is not None:
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def fail(message: str) -> None:
+    """End the command with ``metarun: error: <message>`` on stderr and exit status 2."""
+    print(f"metarun: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def user_errors(interrupted: str) -> Iterator[None]:
+    """What a user can fix ends as one ``metarun: error:`` line and exit 2 (:func:`user_error`),
+    Ctrl-C as ``metarun: <interrupted>`` and exit 130; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"metarun: {interrupted}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:
+            raise
+        fail(str(cause))
