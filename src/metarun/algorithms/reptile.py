@@ -109,11 +109,6 @@ class Reptile(Algorithm):
                               f"got {inner_batch_size}")
         if outer_lr < 0 or outer_lr_final < 0:
             raise ConfigError(f"algorithm.outer_lr and outer_lr_final must be >= 0, got {outer_lr}/{outer_lr_final}")
-        if train_ways is not None and train_ways < ways:
-            raise ConfigError(
-                f"train_ways={train_ways} is smaller than ways={ways}: the head outputs past {train_ways} would never "
-                f"be trained; use train_ways >= ways for gradient-based algorithms"
-            )
         self.inner_optimizer = inner_optimizer
         self.inner_lr = inner_lr
         self.inner_batch_size = inner_batch_size
@@ -121,7 +116,7 @@ class Reptile(Algorithm):
         self.outer_lr_final = outer_lr_final
         self.transductive = transductive
         self.objective = objective or Classification()
-        self.model = classifier(features, self.objective.outputs(max(ways, train_ways or ways)))
+        self.model = classifier(features, self.output_units(ways, train_ways, self.objective, "reptile"))
         self.outer_step = outer_lr  # eps of the next meta-update: on_iteration sets it
         if inner_optimizer == "adam":
             # The inner Adam's state (second moments, step count) is learned state, as BatchNorm's running
