@@ -86,6 +86,7 @@ def glyphs_options(**overrides) -> dict:
     replacing some (the loader has no defaults: its values live in the config)."""
     values = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / "glyphs.yaml"))
     del values["_target_"]
+    values.pop("defaults", None)  # what the dataset brings to other groups (sinusoid: its backbone)
     return {**values, **overrides}
 
 
@@ -102,6 +103,7 @@ def dataset_options(name: str, **overrides) -> dict:
     some (the loaders have no defaults for what the config sets: its values live in the config)."""
     values = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / f"{name}.yaml"))
     del values["_target_"]
+    values.pop("defaults", None)  # what the dataset brings to other groups (sinusoid: its backbone)
     return {**values, **overrides}
 
 

@@ -111,7 +111,8 @@ def test_unknown_option_lists_the_valid_ones(tmp_path):
         # Training tasks from one alphabet: the tiny glyphs' alphabets have <= 10 training characters.
         (["dataset.within_group=true", "train_ways=12"],
          "metarun: error: within_group tasks need a group with train_ways=12 classes but the largest of the train split"),
-        (["dataset=sinusoid"], "metarun: error: backbone.in_channels: Interpolation key 'dataset.channels' not found"),
+        (["dataset=sinusoid", "backbone=conv4"],
+         "metarun: error: backbone.in_channels: Interpolation key 'dataset.channels' not found"),
         (["dataset=sinusoid", "backbone=mlp_sinusoid", "dataset.amplitude=[5,1]"],
          "metarun: error: dataset.amplitude must be [low, high] with low <= high"),
     ],

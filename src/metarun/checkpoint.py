@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from metarun.config import JOB_KEYS
@@ -294,13 +295,25 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def resolved_value(config: dict[str, Any], key: str) -> Any:
+    """The value of dotted ``key`` in an unresolved run config, its interpolations resolved within it
+    (``"<unresolvable>"`` when they cannot be)."""
+    try:
+        return OmegaConf.select(OmegaConf.create(config), key, throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - an interpolation of another process (an env var, a resolver)
+        return "<unresolvable>"
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The keys whose values differ between two unresolved run configs, other than :data:`RESUMABLE_CHANGES`."""
+    """The keys whose values differ between two unresolved run configs, other than
+    :data:`RESUMABLE_CHANGES`. A key written differently that resolves to the same value (a literal
+    784 in an older run, ``${metarun.product:...}`` today) is no difference."""
     old, new = flatten(saved), flatten(current)
     return [f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
             for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
-            and not any(key == k.rstrip(".") for k in RESUMABLE_CHANGES)]
+            and not any(key == k.rstrip(".") for k in RESUMABLE_CHANGES)
+            and (key not in old or key not in new or resolved_value(saved, key) != resolved_value(current, key))]
 
 
 def read_run(path: Path, config: dict[str, Any]) -> dict[str, Any]:

@@ -5,17 +5,16 @@ the config groups, and errors a user can fix as one line, ``metarun: error: ...`
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
+from metarun.config import config_dir
 from metarun.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError, OutputExistsError
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError)
 
 # conf/ sits at the top of the repository, next to src/ (metarun is installed editable).
-CONFIG_DIR = os.environ.get("METARUN_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+CONFIG_DIR = str(config_dir())
 
 # The config groups a command line may choose an option of (``algorithm=protonet``).
 GROUPS = ("dataset", "algorithm", "backbone", "optimizer", "scheduler", "augment")

@@ -6,13 +6,16 @@ Range checks that a type cannot express are in :func:`validate`.
 """
 
 import inspect
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from metarun.errors import ConfigError, one_line
 
@@ -111,6 +114,35 @@ def _cuda_device_count() -> int:
 OmegaConf.register_new_resolver("metarun.job_gpu", job_gpu, replace=True)
 
 
+def product(*factors: Any) -> int | float:
+    """``${metarun.product:a,b,...}``: the product of numbers, e.g. an MLP's input size from the dataset's
+    images, ``${metarun.product:${dataset.channels},${dataset.image_size},${dataset.image_size}}``."""
+    for factor in factors:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise ConfigError(f"${{metarun.product:...}} multiplies numbers, got {factor!r}")
+    return math.prod(factors)
+
+
+def input_dims(bounds: Any) -> int:
+    """``${metarun.input_dims:${dataset.x_range}}``: the coordinates of an input drawn from the box
+    ``bounds``, 1 for ``[low, high]`` and n for a list of n such pairs. A backbone sized by it takes
+    such inputs (the sinusoid's scalar x), and does not fit a dataset without that key (images)."""
+    if isinstance(bounds, ListConfig):
+        bounds = OmegaConf.to_container(bounds)
+    if isinstance(bounds, (list, tuple)) and bounds and all(isinstance(b, (list, tuple)) for b in bounds):
+        return len(bounds)
+    return 1  # [low, high] (a malformed range is the dataset's to report)
+
+
+OmegaConf.register_new_resolver("metarun.product", product, replace=True)
+OmegaConf.register_new_resolver("metarun.input_dims", input_dims, replace=True)
+
+
+def config_dir() -> Path:
+    """The config tree the metarun command composes: ``$METARUN_CONFIG_DIR``, else this checkout's conf/."""
+    return Path(os.environ.get("METARUN_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf")))
+
+
 def takes_features(target: str) -> bool:
     """Whether the algorithm ``target``'s constructor has a ``features`` parameter (the backbone),
     True when the target cannot be imported: instantiating it then reports that."""
@@ -120,22 +152,51 @@ def takes_features(target: str) -> bool:
         return True
 
 
+def fitting_backbones(cfg: DictConfig) -> list[str]:
+    """The options of conf/backbone/ that fit ``cfg``'s dataset: those whose values resolve against it.
+
+    A backbone says what input it takes by the dataset keys it reads (``in_channels: ${dataset.channels}``,
+    ``in_features: ${metarun.input_dims:${dataset.x_range}}``), so trying each one against the dataset, as
+    the run chose and overrode it, is what decides: there is no table of datasets and backbones.
+    """
+    base = OmegaConf.to_container(cfg, resolve=False)
+    fitting = []
+    for path in sorted((config_dir() / "backbone").glob("*.yaml")):
+        try:
+            option = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            option.pop("defaults", None)
+            probe = OmegaConf.create({**base, "backbone": option})
+            OmegaConf.to_container(probe.backbone, resolve=True)
+        except (OmegaConfBaseException, ConfigError, OSError, AttributeError):
+            continue
+        fitting.append(path.stem)
+    return fitting
+
+
 def check_references(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) when a value refers to a key the chosen groups do not have.
 
     Groups meet through interpolations (``backbone.in_channels: ${dataset.channels}``), so a
     backbone for images on a dataset without images (``dataset=sinusoid backbone=conv4``) fails
-    here, naming both keys, rather than with a stack trace from the resolver. An algorithm that
-    builds its own network uses no backbone: the backbone is set to null first, so it need not fit.
+    here, naming both keys and the backbones that fit (:func:`fitting_backbones`), rather than with
+    a stack trace from the resolver. An algorithm that builds its own network uses no backbone: the
+    backbone is set to null first, so it need not fit.
     """
     if cfg.get("backbone") is not None and not takes_features(cfg.algorithm.get("_target_", "")):
         cfg.backbone = None
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationKeyError as error:
+        group = error.full_key.split(".")[0]
+        reason = f"{error.full_key}: {one_line(error)}"
+        if group == "backbone":
+            fitting = fitting_backbones(cfg)
+            advice = (f"use backbone={fitting[0]}" if len(fitting) == 1 else
+                      f"use one of {', '.join(f'backbone={name}' for name in fitting)}" if fitting else
+                      f"no backbone in {config_dir() / 'backbone'} reads this dataset's keys; add one that does")
+            raise ConfigError(f"{reason}; the backbone does not fit this dataset: {advice}") from None
         raise ConfigError(
-            f"{error.full_key}: {one_line(error)}; the chosen config groups do not fit together: choose a "
-            f"{error.full_key.split('.')[0]} made for this dataset"
+            f"{reason}; the chosen config groups do not fit together: choose a {group} made for this dataset"
         ) from None
 
 
