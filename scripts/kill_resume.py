@@ -71,8 +71,14 @@ def in_final_evaluation(out: Path, iterations: int) -> bool:
     metrics = out / "metrics.jsonl"
     if not metrics.is_file():
         return False
-    return any(json.loads(line).get("iteration") == iterations and "val/loss" in line
-               for line in metrics.read_text().splitlines()[-3:] if line.strip())
+    for line in metrics.read_text().splitlines()[-3:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line the run is writing right now
+            continue
+        if record.get("iteration") == iterations and "val/loss" in record:
+            return True
+    return False
 
 
 def kill_once(out: Path, mode: str, rng: random.Random, baseline_seconds: float) -> str:
