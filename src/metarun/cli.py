@@ -99,9 +99,45 @@ def check_arguments(args: list[str]) -> None:
                      f"(add a new key with +{option.key_or_group}=...)")
 
 
+def check_run_directory(args: list[str]) -> None:
+    """Before Hydra writes ``.hydra/`` and ``metarun.log`` into the run directory: a command that
+    would replace an earlier run there (a finished one, or an interrupted one that ``resume`` does
+    not continue: :func:`metarun.loop.check_run_dir`) is refused with one line, and ``resume=auto``
+    into a finished run ends at once with exit 0; either way every byte of that run stays as it was.
+    Left to the job (after Hydra's files): multirun jobs, other configs (``-cn``), and a config
+    that does not compose (Hydra reports it)."""
+    from hydra import compose, initialize_config_dir
+
+    from metarun.errors import OutputExistsError
+    from metarun.loop import check_run_dir
+
+    if any(a.startswith("-") for a in args):  # -m, --cfg, --help, -cn ...: Hydra's own modes
+        return
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[a for a in args if "=" in a], return_hydra_config=True)
+        if str(cfg.hydra.get("mode")) in ("MULTIRUN", "RunMode.MULTIRUN"):
+            return
+        hydra_dir = Path(str(cfg.hydra.run.dir))
+        output_dir = Path(str(cfg.output_dir)) if cfg.output_dir else hydra_dir
+        resume = cfg.resume
+    except Exception:  # noqa: BLE001 - Hydra reports a config that does not compose, and the job the rest
+        return
+    try:
+        if hydra_dir.resolve() != output_dir.resolve():  # Hydra's files go into hydra.run.dir
+            check_run_dir(hydra_dir, None)
+        if check_run_dir(output_dir, resume):
+            print(f"metarun: {output_dir} already holds a finished run; resume=auto leaves it as it is")
+            sys.exit(0)
+    except OutputExistsError as error:
+        fail(str(error))
+
+
 def main() -> None:
-    """The ``metarun`` command: one-line checks of the arguments, then the Hydra job."""
+    """The ``metarun`` command: one-line checks of the arguments and of the run directory, then the
+    Hydra job."""
     check_arguments(sys.argv[1:])
+    check_run_directory(sys.argv[1:])
     run_job()
 
 

@@ -138,6 +138,7 @@ class RunState:
     best_val: float | None = None
     best_iteration: int = -1
     top: list[tuple[float, int]] = field(default_factory=list)
+    divergence: dict[str, Any] | None = None  # the worst validation that diverged (:func:`check_divergence`)
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any], objective: Objective) -> RunState:
@@ -149,6 +150,28 @@ class RunState:
             saved["best_val"] = None if not math.isfinite(old) else (old if objective.higher_is_better else -old)
         saved["top"] = [tuple(entry) for entry in saved.get("top", [])]
         return cls(**saved)
+
+
+def check_divergence(val: TaskScores, threshold: float | None, state: RunState, tracker: Tracker) -> None:
+    """The divergence guard: training goes on, but when adaptation made the validation query loss explode
+    (:meth:`TaskScores.divergence`: after the last step more than ``threshold`` times the loss at step 0),
+    ``val/divergence_factor`` is logged, the first time in a run one warning line says so, and
+    ``state.divergence`` keeps the worst such validation (``iteration``, ``step``, ``factor``, ``threshold``,
+    and the ``first_iteration`` that warned) for results.json. ``threshold`` None: no check."""
+    found = val.divergence(threshold) if threshold is not None else None
+    if found is None:
+        return
+    step, factor = found
+    tracker.log({"val/divergence_factor": factor}, state.iteration)
+    worst = state.divergence
+    if worst is None:
+        log.warning("adaptation diverged at iteration %d: on the validation tasks the mean query loss after step %d "
+                    "is %.3g times its value at step 0 (eval.divergence_factor=%g); training goes on and "
+                    "results.json records it (diverged: true): lower algorithm.inner_lr or the inner steps",
+                    state.iteration, step, factor, threshold)
+    if worst is None or factor > worst["factor"]:
+        state.divergence = {"iteration": state.iteration, "step": step, "factor": factor, "threshold": threshold,
+                            "first_iteration": worst["first_iteration"] if worst else state.iteration}
 
 
 def meta_train(
@@ -168,6 +191,7 @@ def meta_train(
     bn_batch_stats: bool,
     ci_z: float,
     top_k: int = 1,
+    divergence_factor: float | None = None,
     run_config: dict[str, Any] | None = None,
     resume: tuple[Path, dict[str, Any]] | None = None,
 ) -> RunState:
@@ -177,7 +201,8 @@ def meta_train(
     highest accuracy, lowest MSE for regression), ``checkpoints/last.pt`` (everything needed to
     resume) and, with ``top_k > 1``, the ``top_k`` best in ``checkpoints/top/``. ``run_config`` (the
     unresolved config) goes into ``last.pt``; ``resume`` is a checkpoint's path and its contents
-    (:func:`checkpoint.read_run`). Returns the final state.
+    (:func:`checkpoint.read_run`). Each validation is checked for divergence against ``divergence_factor``
+    (:func:`check_divergence`; None: not checked). Returns the final state.
     """
     state = RunState()
     ckpt_dir = checkpoint.folder(output_dir)
@@ -218,6 +243,7 @@ def meta_train(
                     state.top = checkpoint.keep_top(ckpt_dir, state.top, score, state.iteration, algorithm, top_k,
                                                     objective.higher_is_better)
                 tracker.log(val.final_metrics("val"), state.iteration)
+                check_divergence(val, divergence_factor, state, tracker)
             if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
                 checkpoint.save_run(checkpoint.last_file(ckpt_dir), algorithm, optimizer, scheduler, state, run_config or {},
                                     tracker.run_id)
@@ -237,6 +263,30 @@ def check_writable(output_dir: Path) -> None:
     except OSError as error:
         raise ConfigError(f"cannot write into the run directory {output_dir}: {error.strerror or error}; choose a "
                           f"writable hydra.run.dir or output_dir") from None
+
+
+def check_run_dir(output_dir: Path, resume: Any) -> bool:
+    """Whether ``output_dir`` holds a finished run that ``resume=auto`` leaves as it is (True).
+
+    Raises:
+        OutputExistsError: (one line) the run would replace what a run before wrote there: a finished
+            run (``results.json``), or an interrupted one (``checkpoints/last.pt``) that ``resume`` does
+            not continue (``resume=auto``, or ``resume=`` this directory or one of its checkpoints).
+    """
+    output_dir = Path(output_dir)
+    finished = output_dir / "results.json"
+    if finished.exists():
+        if resume == config.RESUME_AUTO and finished.is_file():
+            return True
+        raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")
+    own_last = checkpoint.last_file(checkpoint.folder(output_dir))
+    if own_last.is_file() and resume != config.RESUME_AUTO:
+        target = Path(str(resume)).expanduser().resolve() if resume else None
+        own = checkpoint.folder(output_dir).resolve()
+        if target is None or (target != output_dir.resolve() and target.parent != own):
+            raise OutputExistsError(f"{output_dir} holds an interrupted run (checkpoints/last.pt): continue it with "
+                                    f"resume={output_dir}, or choose another hydra.run.dir")
+    return False
 
 
 def hardware(device: torch.device) -> str:
@@ -266,13 +316,11 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     output_dir = Path(output_dir)
     check_writable(output_dir)
     auto = cfg.resume == config.RESUME_AUTO
-    if auto and (output_dir / "results.json").is_file():
+    if check_run_dir(output_dir, cfg.resume):
         # A requeued (or re-launched) job that had already finished: its objective, not an error.
         finished = json.loads((output_dir / "results.json").read_text())
         log.info("resume=auto: %s already holds a finished run; nothing to do", output_dir)
         return next(value for key, value in finished.items() if key.startswith("best_val_"))
-    if (output_dir / "results.json").exists():
-        raise OutputExistsError(f"{output_dir} already holds a finished run (results.json); choose another hydra.run.dir")
     run_config = OmegaConf.to_container(cfg, resolve=False)
     resume = None
     # resume=auto: this job's own last.pt (a requeued or relaunched job), else a new run.
@@ -291,7 +339,8 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         parts.algorithm, parts.optimizer, parts.scheduler, parts.train_sampler, parts.val_tasks, parts.tracker,
         output_dir, objective, iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, grad_clip=cfg.grad_clip,
-        bn_batch_stats=cfg.eval.bn_batch_stats, ci_z=cfg.eval.ci_z, top_k=cfg.eval.top_k, run_config=run_config,
+        bn_batch_stats=cfg.eval.bn_batch_stats, ci_z=cfg.eval.ci_z, top_k=cfg.eval.top_k,
+        divergence_factor=cfg.eval.divergence_factor, run_config=run_config,
         resume=resume,
     )
     train_seconds = time.perf_counter() - started
@@ -311,6 +360,8 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         "tested_iterations": tested_iterations,
         "eval_tasks": len(parts.test_tasks),
         "eval_inner_steps": parts.algorithm.eval_inner_steps,
+        "diverged": state.divergence is not None,  # adaptation made the validation query loss explode
+        "divergence": state.divergence,  # the worst such validation: iteration, step, factor (null: none)
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - run_started,  # this process: since a resume only
         "device": str(parts.device),

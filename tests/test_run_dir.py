@@ -1,0 +1,109 @@
+"""The run directory is sacred: a command that would replace an earlier run there (a finished one,
+or an interrupted one that ``resume`` does not continue) is refused with one line before Hydra
+writes anything, and ``resume=auto`` into a finished run leaves it as it was. Every file of the
+run is hashed before and after."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, TINY_GLYPHS, run_cli
+from metarun.errors import OutputExistsError
+from metarun.loop import check_run_dir
+
+
+def tiny(*extra: str) -> list[str]:
+    return [*TINY_GLYPHS, *TINY, *extra]
+
+
+def fingerprint(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (``.hydra/`` and ``metarun.log`` included) with its SHA-256."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metarun: error: "), proc.stderr
+    for part in expected:
+        assert part in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished tiny run (MAML on tiny glyphs), made by the command: it has .hydra/ and metarun.log."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli(*tiny(f"hydra.run.dir={out}"), cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture
+def interrupted(finished, tmp_path) -> Path:
+    """The finished run as if killed after its last checkpoint: checkpoints/last.pt, no results.json."""
+    out = tmp_path / "interrupted"
+    shutil.copytree(finished, out)
+    (out / "results.json").unlink()
+    return out
+
+
+def test_a_new_run_into_an_interrupted_run_is_refused_naming_resume(interrupted, tmp_path):
+    before = fingerprint(interrupted)
+    proc = run_cli(*tiny(f"hydra.run.dir={interrupted}"), cwd=tmp_path)
+    one_line_error(proc, "interrupted run", f"resume={interrupted}")
+    assert fingerprint(interrupted) == before
+
+
+def test_resuming_another_run_into_an_interrupted_run_is_refused(interrupted, finished, tmp_path):
+    before = fingerprint(interrupted)
+    proc = run_cli(*tiny("iterations=3", f"resume={finished}", f"hydra.run.dir={interrupted}"), cwd=tmp_path)
+    one_line_error(proc, "interrupted run", f"resume={interrupted}")
+    assert fingerprint(interrupted) == before
+
+
+@pytest.mark.parametrize("extra", [("algorithm=protonet",), ("iterations=3", "resume={run}")],
+                         ids=["other-algorithm", "resume-the-finished-run"])
+def test_a_refused_command_in_a_finished_run_leaves_every_byte(finished, tmp_path, extra):
+    before = fingerprint(finished)
+    proc = run_cli(*tiny(*(e.format(run=finished) for e in extra), f"hydra.run.dir={finished}"), cwd=tmp_path)
+    one_line_error(proc, "already holds a finished run")
+    assert fingerprint(finished) == before
+
+
+def test_resume_auto_into_a_finished_run_exits_0_and_leaves_every_byte(finished, tmp_path):
+    before = fingerprint(finished)
+    proc = run_cli(*tiny("resume=auto", f"hydra.run.dir={finished}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds a finished run" in proc.stdout
+    assert fingerprint(finished) == before
+
+
+def test_resume_continues_an_interrupted_run_in_place(interrupted, tmp_path):
+    proc = run_cli(*tiny("iterations=3", f"resume={interrupted}", f"hydra.run.dir={interrupted}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (interrupted / "results.json").is_file()
+
+
+def test_check_run_dir_says_what_each_directory_allows(tmp_path):
+    assert check_run_dir(tmp_path / "new", None) is False
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    run = tmp_path / "run"
+    with pytest.raises(OutputExistsError, match=f"resume={run}"):
+        check_run_dir(run, None)
+    with pytest.raises(OutputExistsError, match="interrupted run"):
+        check_run_dir(run, str(tmp_path / "other"))
+    assert check_run_dir(run, str(run)) is False
+    assert check_run_dir(run, str(last)) is False
+    assert check_run_dir(run, "auto") is False
+    (run / "results.json").write_text("{}")
+    assert check_run_dir(run, "auto") is True
+    with pytest.raises(OutputExistsError, match="already holds a finished run"):
+        check_run_dir(run, str(run))
