@@ -41,6 +41,9 @@ class EvalConfig:
     ci_z: float = MISSING  # CI half-width = ci_z * std / sqrt(tasks); 1.96 for 95%
     bn_batch_stats: bool = MISSING  # BatchNorm uses the task's batch statistics at evaluation (MAML, transductive)
     top_k: int = MISSING  # test the ensemble of the top_k validation checkpoints (MAML++: 5); 1: best.pt alone
+    # warn (once) and record in results.json when, on the validation tasks, the mean query loss after the last
+    # adaptation step is more than divergence_factor times its value at step 0; null: no check
+    divergence_factor: float | None = MISSING
 
 
 @dataclass

@@ -131,6 +131,23 @@ class TaskScores:
         """The mean of ``metric`` (``"acc"``, ``"mse"``, ``"loss"``) after the last adaptation step."""
         return self.summary()[f"{metric}_mean"][-1]
 
+    def divergence(self, threshold: float) -> tuple[int, float] | None:
+        """:func:`divergence` of the mean query loss per adaptation step (``loss_mean``)."""
+        return divergence(self.loss.mean(0).tolist(), threshold)
+
+
+def divergence(loss_mean: list[float], threshold: float) -> tuple[int, float] | None:
+    """Whether adaptation made the query loss explode: ``(step, factor)`` when the mean query loss after
+    the last adaptation step (``step``) is more than ``threshold`` times its value at step 0, ``factor``
+    being that ratio (``inf`` over a loss of 0); None otherwise. A method without an inner loop (one
+    value) never diverges; a NaN loss is not a divergence (the loop stops on non-finite training losses)."""
+    if len(loss_mean) < 2:
+        return None
+    first, last = loss_mean[0], loss_mean[-1]
+    if not last > threshold * first:
+        return None
+    return len(loss_mean) - 1, (last / first if first > 0 else math.inf)
+
 
 def final_values(split: str, curves: dict[str, Any]) -> dict[str, float | None]:
     """The flat keys of a split's curves (:meth:`TaskScores.curves`): every per-step metric after

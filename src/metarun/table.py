@@ -24,7 +24,9 @@ The table (``table.md``, ``table.csv``) has one row per preset (and per set of o
 * verdict: ``within`` when the reproduced mean lies in published mean ± published CI, ``above`` or
   ``below`` otherwise. Where the paper gives no CI the interval is published mean ± the reproduced
   CI over seeds (the published mean lies inside the reproduced interval); with neither (one seed,
-  no published CI) only equality is ``within``. For MSE, ``below`` is better.
+  no published CI) only equality is ``within``. For MSE, ``below`` is better. A row where a seed's
+  run diverged (results.json ``diverged: true``) adds ``diverged (seed S: step K, xF)`` (column
+  ``diverged`` in the CSV).
 * iterations actually run, with ``shortened from N`` when fewer than the preset's ``N``; wall time
   (mean per seed, of the process that finished the run); hardware (from ``results.json``).
 
@@ -65,6 +67,12 @@ VERDICT_DEFINITION = (
     "equality is within. For MSE, below is better."
 )
 
+
+DIVERGED_DEFINITION = (
+    "diverged (seed S: step K, xF): seed S's run diverged (results.json diverged: true): on its validation tasks "
+    "the mean query loss after the last adaptation step K was F times its value at step 0, more than "
+    "eval.divergence_factor (its worst validation)."
+)
 
 NO_PRESET = "(no preset)"  # a job run without experiment=...
 
@@ -130,6 +138,8 @@ class Run:
     wall_seconds: float
     hardware: str
     paper: dict[str, Any]
+    # results.json's divergence record when it says diverged: true (step, factor, ...; {} when it has none); else None
+    divergence: dict[str, Any] | None = None
 
 
 def _job_overrides(job: Path) -> list[str]:
@@ -180,6 +190,7 @@ def read_run(results_path: Path) -> Run:
         wall_seconds=float(results.get("wall_seconds", results.get("train_seconds", float("nan")))),
         hardware=str(results.get("hardware") or results.get("device", "?")),
         paper=paper,
+        divergence=(results.get("divergence") or {}) if results.get("diverged") is True else None,
     )
 
 
@@ -237,6 +248,20 @@ class Row:
         if self.mean < published - half:
             return "below"
         return "within"
+
+    @property
+    def diverged(self) -> str:
+        """``diverged (seed 1: step 3, x1.8e+05)`` naming every seed whose run diverged (results.json
+        ``diverged: true``, its worst validation's step and factor); empty when none did."""
+        seeds = []
+        for run in self.runs:
+            if run.divergence is None:
+                continue
+            step, factor = run.divergence.get("step"), run.divergence.get("factor")
+            details = ", ".join(([f"step {step}"] if step is not None else []) +
+                                ([f"x{float(factor):.3g}"] if factor is not None else []))
+            seeds.append(f"seed {run.seed}" + (f": {details}" if details else ""))
+        return f"diverged ({'; '.join(seeds)})" if seeds else ""
 
     @property
     def preset_iterations(self) -> int | None:
@@ -318,7 +343,7 @@ def markdown_rows(rows: Sequence[Row]) -> list[list[str]]:
             str(row.paper.get("source", "")),
             f"{_pm(row.mean, row.ci, row.metric)} ({len(row.runs)} seed{'s' if len(row.runs) > 1 else ''})",
             "; ".join(f"seed {run.seed}: {_pm(run.mean, run.ci, run.metric)}" for run in row.runs),
-            row.verdict,
+            "; ".join(filter(None, [row.verdict, row.diverged])),
             _iterations(row),
             _duration(row.wall_seconds),
             row.hardware,
@@ -342,7 +367,7 @@ def write_markdown(rows: Sequence[Row], path: Path, source: str) -> None:
         "Accuracy in percent, MSE as is.",
         f"- Reproduced: the mean over seeds of each seed's test mean, ± ci_z·std/√seeds over those per-seed "
         f"means (sample std, ci_z = {z:g}, the runs' eval.ci_z); per seed: its test mean ± its CI over test tasks.",
-        f"- Verdict: {VERDICT_DEFINITION}",
+        f"- Verdict: {VERDICT_DEFINITION} {DIVERGED_DEFINITION}",
         "- Iterations: meta-training iterations run; \"shortened from N\" marks a run cut below the preset's N "
         "(`--iterations`): such a row is a shortened variant, not the paper's protocol.",
         "- Wall time: mean per seed, of the process that finished each run (after a resume, that process only).",
@@ -354,7 +379,7 @@ def write_markdown(rows: Sequence[Row], path: Path, source: str) -> None:
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
     fields = ["preset", "overrides", "metric", "published_mean", "published_ci95", "source", "reproduced_mean",
-              "reproduced_ci", "ci_z", "seeds", "per_seed", "verdict", "iterations", "preset_iterations", "shortened",
+              "reproduced_ci", "ci_z", "seeds", "per_seed", "verdict", "diverged", "iterations", "preset_iterations", "shortened",
               "wall_seconds_per_seed", "hardware"]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -373,6 +398,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
                 "seeds": " ".join(str(s) for s in row.seeds),
                 "per_seed": "; ".join(f"{run.seed}: {run.mean} ± {run.ci}" for run in row.runs),
                 "verdict": row.verdict,
+                "diverged": row.diverged,
                 "iterations": row.iterations,
                 "preset_iterations": row.preset_iterations,
                 "shortened": row.shortened,

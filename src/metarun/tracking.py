@@ -177,6 +177,14 @@ def wandb_has_api_key() -> bool:
         return False
 
 
+def summary_values(results: dict[str, Any]) -> dict[str, Any]:
+    """What a W&B run's summary gets from ``results``: its numbers (``diverged`` among them), and the divergence
+    guard's record flat (``divergence/iteration``, ``divergence/step``, ``divergence/factor``, ...)."""
+    values = {k: v for k, v in results.items() if isinstance(v, int | float)}
+    values.update({f"divergence/{k}": v for k, v in (results.get("divergence") or {}).items()})
+    return values
+
+
 class WandbTracker(Tracker):
     """One W&B run per job, with the resolved config. A W&B failure is logged and never stops training.
 
@@ -282,7 +290,7 @@ class WandbTracker(Tracker):
         if self.run is None:
             return
         try:
-            self.run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float)})
+            self.run.summary.update(summary_values(results))
             if self.log_model:
                 self._log_best_model(results)
             self.run.finish()
