@@ -115,6 +115,27 @@ def test_unknown_option_lists_the_valid_ones(tmp_path):
          "metarun: error: backbone.in_channels: Interpolation key 'dataset.channels' not found"),
         (["dataset=sinusoid", "backbone=mlp_sinusoid", "dataset.amplitude=[5,1]"],
          "metarun: error: dataset.amplitude must be [low, high] with low <= high"),
+        # Values that would train in the wrong direction, or never move (issue 21).
+        (["scheduler=cosine", "scheduler.eta_min=-0.1"], "metarun: error: scheduler.eta_min must be >= 0"),
+        (["scheduler=step", "scheduler.gamma=-0.5"], "metarun: error: scheduler.gamma must be > 0"),
+        (["scheduler=step", "scheduler.step_size=0"], "metarun: error: scheduler.step_size must be >= 1"),
+        (["scheduler=step", "scheduler.step_size=-3"], "metarun: error: scheduler.step_size must be >= 1"),
+        (["scheduler=warmup", "scheduler.start_factor=0"],
+         "metarun: error: scheduler.start_factor must satisfy 0 < start_factor <= 1"),
+        (["algorithm=metanet", "algorithm.contrastive_margin=-1"],
+         "metarun: error: algorithm.contrastive_margin must be >= 0"),
+        # NaN is refused up front wherever a number is configured (one check over the whole config).
+        (["optimizer.lr=nan"], "metarun: error: optimizer.lr must be a finite number, got nan"),
+        (["algorithm.inner_lr=nan"], "metarun: error: algorithm.inner_lr must be a finite number, got nan"),
+        (["grad_clip=nan"], "metarun: error: grad_clip must be a finite number, got nan"),
+        (["eval.ci_z=nan"], "metarun: error: eval.ci_z must be a finite number, got nan"),
+        (["algorithm=synaptic", "algorithm.rate=nan"], "metarun: error: algorithm.rate must be a finite number"),
+        (["algorithm=meta_lstm", "algorithm.input_bias_init=nan"],
+         "metarun: error: algorithm.input_bias_init must be a finite number"),
+        (["algorithm=meta_lstm", "algorithm.forget_bias_init=inf"],
+         "metarun: error: algorithm.forget_bias_init must be a finite number, got inf"),
+        (["seed=1099511627776"], "metarun: error: seed must be >= 0 and <= 4294967295"),
+        (["iterations=-1"], "metarun: error: iterations must be >= 1, got -1"),
     ],
 )
 def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, message):

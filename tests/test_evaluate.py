@@ -329,6 +329,19 @@ def existing_eval(run_dir: Path, tmp_path: Path) -> list:
      "line 1: support labels must be 0..N-1 with every class present; label 1 has no support image"),
     (lambda run, tmp: ["nosuchkey=1"], "nosuchkey=1: the run's config has no key nosuchkey"),
     (existing_eval, "eval/mine already exists"),
+    # issue 21's open cases
+    (lambda run, tmp: ["--episodes", write_episodes(
+        tmp, classes=3, text='{"support": [["img/c0.png", 0], ["img/c0.png", 1e30]], "query": [["img/c0.png", 0]]}\n')],
+     "line 1: every support entry must be [path, label] with a path string and a label int >= 0, got "),
+    (lambda run, tmp: ["--episodes", write_episodes(
+        tmp, classes=3, text='{"support": [["img/c0.png", 0], ["img/c0.png", 1' + "0" * 30 + ']], '
+                             '"query": [["img/c0.png", 0]]}\n')],
+     "line 1: support labels must be 0..N-1 with every class present; label 1 has no support image (labels up to "
+     + "1" + "0" * 30 + ")"),
+    (lambda run, tmp: ["--name", "n" * 300], "--name is 300 bytes long; a folder name has at most 255"),
+    (lambda run, tmp: ["algorithm.inner_lr=nan"], "algorithm.inner_lr must be a finite number, got nan"),
+    (lambda run, tmp: (run / ".hydra" / "config.yaml").write_text("- 1\n- 2\n") and [],
+     "/.hydra/config.yaml is a list, not a mapping of settings"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(run_dir, tmp_path, capsys, prepare, message):
     args = prepare(run_dir, tmp_path / "input")
@@ -338,6 +351,40 @@ def test_bad_input_is_one_line_and_changes_nothing(run_dir, tmp_path, capsys, pr
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("metarun: error: ") and message in lines[0], err
     assert fingerprint(run_dir) == before
+
+
+def test_episodes_on_a_regression_run_is_one_line(compose_cfg, tmp_path, capsys):
+    """A sinusoid run has no image files to read: --episodes is refused before the file is read."""
+    cfg = compose_cfg("dataset=sinusoid")
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"))
+    save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
+    before = fingerprint(run_dir)
+    code, _, err = call(capsys, run_dir, "--episodes", write_episodes(tmp_path / "input", classes=3))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metarun: error: --episodes scores classification episodes of "
+                                                   "image files and needs an image dataset"), err
+    assert fingerprint(run_dir) == before
+
+
+def test_an_episode_wider_than_the_training_tasks_is_scored_by_a_metric_method_with_one_warning(
+        compose_cfg, tmp_path, capsys, caplog):
+    """ProtoNet has no output head: a 12-way episode (trained 5-way) runs, and one warning line says so."""
+    cfg = compose_cfg("algorithm=protonet")
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"))
+    save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
+    code, _, err = call(capsys, run_dir, "--episodes", write_episodes(tmp_path / "input", classes=12))
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "have up to 12 classes (labels 0..11): more than the train_ways=5" in warnings[0]
+    assert "\n" not in warnings[0]
+    assert len(tasks_of(run_dir, "best-episodes_episodes")) == 1
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-runs an imported module

@@ -94,6 +94,16 @@ def test_resuming_with_other_settings_names_the_keys_that_differ(finished, tmp_p
     assert fingerprint(finished) == before
 
 
+def test_resuming_with_fewer_iterations_than_the_checkpoint_has_done_says_so(finished, tmp_path):
+    """The finished run's last.pt is at iteration 2: iterations=1 cannot continue it (it used to blame a
+    missing best.pt)."""
+    before = fingerprint(finished)
+    proc = run_cli(*tiny("iterations=1", f"resume={finished}", f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    one_line_error(proc, "the checkpoint is already at iteration 2, past iterations=1; resume with iterations >= 2")
+    assert fingerprint(finished) == before
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_resuming_may_change_the_length_and_the_evaluation(finished, tmp_path):
     proc = run_cli(*tiny("iterations=3", "eval.tasks=6", "eval_every=2", f"resume={finished}",
                          f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)

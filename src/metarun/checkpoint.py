@@ -333,6 +333,11 @@ def read_run(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         if differences:
             raise CheckpointError(f"cannot resume from {path}: the run differs in {'; '.join(differences)}; "
                                   f"resume with the same settings or start a new run")
+    done, iterations = (saved.get("state") or {}).get("iteration"), config.get("iterations")
+    if isinstance(done, int) and isinstance(iterations, int) and not isinstance(iterations, bool) \
+            and done > iterations:
+        raise CheckpointError(f"cannot resume from {path}: the checkpoint is already at iteration {done}, past "
+                              f"iterations={iterations}; resume with iterations >= {done}")
     return saved
 
 

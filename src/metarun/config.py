@@ -203,9 +203,58 @@ def check_references(cfg: DictConfig) -> None:
         ) from None
 
 
+# The seeds a run accepts: numpy's global RNG (np.random.seed) takes 0..2**32 - 1; torch and random take more.
+MAX_SEED = 2**32 - 1
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) naming the first configured number that is NaN or infinite,
+    wherever it is (a learning rate, grad_clip, an algorithm's option, eval.ci_z, ...): such a value
+    would only stop the run at its first non-finite loss, or run with a meaningless result."""
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{key} must be a finite number, got {node}")
+        if isinstance(node, dict):
+            for name, value in node.items():
+                walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{key}[{index}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def check_scheduler(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for a learning-rate schedule that would train in the wrong direction
+    (a negative rate) or never move: the options of conf/scheduler/ by their keys."""
+    scheduler = cfg.get("scheduler")
+    if scheduler is None:
+        return
+    eta_min = scheduler.get("eta_min")
+    if eta_min is not None and eta_min < 0:
+        raise ConfigError(f"scheduler.eta_min must be >= 0 (a negative learning rate ascends the loss), got {eta_min}")
+    gamma = scheduler.get("gamma")
+    if gamma is not None and gamma <= 0:
+        raise ConfigError(f"scheduler.gamma must be > 0 (0.5 halves the learning rate), got {gamma}")
+    step_size = scheduler.get("step_size")
+    if step_size is not None and step_size < 1:
+        raise ConfigError(f"scheduler.step_size must be >= 1 (meta-updates between decays), got {step_size}")
+    for key in ("start_factor", "end_factor"):
+        factor = scheduler.get(key)
+        low_ok = factor is None or (factor > 0 if key == "start_factor" else factor >= 0)
+        if not low_ok or (factor is not None and factor > 1):
+            bound = "0 < start_factor <= 1" if key == "start_factor" else "0 <= end_factor <= 1"
+            raise ConfigError(f"scheduler.{key} must satisfy {bound} (a factor of optimizer.lr), got {factor}")
+    total_iters = scheduler.get("total_iters")
+    if total_iters is not None and total_iters < 0:
+        raise ConfigError(f"scheduler.total_iters must be >= 0, got {total_iters}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for values no run can use."""
     check_references(cfg)
+    check_finite(cfg)
     positive = {
         "iterations": cfg.iterations,
         "meta_batch_size": cfg.meta_batch_size,
@@ -224,8 +273,8 @@ def validate(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if cfg.seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be >= 0 and <= {MAX_SEED} (the range numpy's RNG accepts), got {cfg.seed}")
     if cfg.eval.ci_z <= 0:
         raise ConfigError(f"eval.ci_z must be > 0 (1.96 for a 95% interval), got {cfg.eval.ci_z}")
     if cfg.threads < 0:
@@ -235,6 +284,7 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is not None and lr < 0:
         raise ConfigError(f"optimizer.lr must be >= 0, got {lr}")
+    check_scheduler(cfg)
     if cfg.resume is not None and not str(cfg.resume).strip():
         raise ConfigError("resume must be a run directory, a checkpoint file, auto or null, got an empty string")
     if cfg.sampler not in ("device", "learn2learn"):

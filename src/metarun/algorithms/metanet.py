@@ -335,6 +335,9 @@ class MetaNetwork(Algorithm):
         if min(hidden, representation_dim, generator_hidden, representation_steps) < 1:
             raise ConfigError("algorithm.hidden, representation_dim, generator_hidden and representation_steps must "
                               f"be >= 1, got {hidden}/{representation_dim}/{generator_hidden}/{representation_steps}")
+        if contrastive_margin < 0:
+            raise ConfigError(f"algorithm.contrastive_margin must be >= 0 (a distance between normalised "
+                              f"representations, 0..2), got {contrastive_margin}")
         if gradient_log_scale <= 0 or representation_weight < 0 or support_weight < 0:
             raise ConfigError(f"algorithm.gradient_log_scale must be > 0 and the loss weights >= 0, got "
                               f"{gradient_log_scale}/{representation_weight}/{support_weight}")

@@ -49,6 +49,7 @@ from metarun.tracking import Tracker
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
+MAX_NAME_BYTES = 255  # a folder name's limit on the usual file systems (NAME_MAX)
 
 
 @dataclass
@@ -105,6 +106,8 @@ def default_name(which: str, source: str, overrides: Sequence[str]) -> str:
 def check_name(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"--name {name!r} must be a plain folder name (no /, not starting with .)")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ConfigError(f"--name is {len(name.encode())} bytes long; a folder name has at most {MAX_NAME_BYTES}")
     return name
 
 
@@ -160,6 +163,12 @@ def build_model(cfg: DictConfig, device: torch.device, objective: Objective, ask
                               f"has {trained_ways} outputs and cannot answer {cfg.ways}-way tasks; evaluate with at "
                               f"most {trained_ways} ways") from None
         raise
+    if cfg.ways > trained_ways:
+        # A method without an output head (a metric method) answers any number of ways; the classes of the
+        # dataset's split do not bound an episodes file. Scored, but said once.
+        log.warning("%s: more than the train_ways=%d the model was trained with; %s has no output head and scores "
+                    "them, but such tasks are harder than the run's and the scores are not comparable to its own",
+                    asked, trained_ways, target)
     algorithm.on_iteration(max(cfg.iterations - 1, 0), cfg.iterations)
     return algorithm
 

@@ -109,12 +109,13 @@ def parse_episodes(path: Path, min_ways: int) -> list[tuple[int, list[tuple[str,
         if unknown:
             raise DatasetError(f"{where}: unknown key {unknown[0]!r}; an episode has support, query and name")
         support, query = _pairs(record["support"], where, "support"), _pairs(record["query"], where, "query")
-        counts = np.bincount([label for _, label in support])
-        ways = len(counts)
-        if (counts == 0).any():
-            missing = [c for c in range(ways) if counts[c] == 0]
-            raise DatasetError(f"{where}: support labels must be 0..N-1 with every class present; label {missing[0]} "
+        present = {label for _, label in support}
+        ways = max(present) + 1
+        if len(present) < ways:  # the first gap, found without an array as long as the largest label (1e30)
+            missing = next(c for c in range(ways) if c not in present)
+            raise DatasetError(f"{where}: support labels must be 0..N-1 with every class present; label {missing} "
                                f"has no support image (labels up to {ways - 1})")
+        counts = np.bincount([label for _, label in support])
         if len(set(counts.tolist())) > 1:
             raise DatasetError(f"{where}: every class needs the same number of support images (N-way K-shot), got "
                                f"{dict(enumerate(counts.tolist()))}")
@@ -139,7 +140,8 @@ def image_loader(cfg: DictConfig) -> Callable[[Path, int], np.ndarray]:
     except ImportError as error:
         raise ConfigError(f"cannot import the dataset module {module_name}: {one_line(error)}") from None
     if load is None or "image_size" not in cfg.dataset:
-        raise ConfigError(f"--episodes needs an image dataset whose module reads image files (load_image); "
+        raise ConfigError(f"--episodes scores classification episodes of image files and needs an image dataset "
+                          f"whose module reads them (load_image); "
                           f"{target or 'this dataset'} has none (e.g. dataset=glyphs or dataset=omniglot)")
     return load
 
@@ -148,8 +150,8 @@ def read_episodes(path: Path, cfg: DictConfig, device: torch.device, min_ways: i
     """The episodes of ``path`` with their images, decoded by the dataset module's ``load_image`` at
     ``dataset.image_size`` and made model inputs by :func:`metarun.tasks.image_tensor`, as the
     samplers make them. Image paths are relative to the file's folder (or absolute)."""
+    load = image_loader(cfg)  # first: a dataset without image files (sinusoid) is refused whatever the file holds
     parsed = parse_episodes(path, min_ways)
-    load = image_loader(cfg)
     image_size, channels = int(cfg.dataset.image_size), cfg.dataset.get("channels")
     index: dict[Path, int] = {}
     episodes = []

@@ -48,8 +48,11 @@ def read_saved_config(run_dir: Path) -> tuple[DictConfig, str]:
             raise
         except Exception as error:  # noqa: BLE001 - an unreadable file is one line for the user
             raise ConfigError(f"cannot read the run's config from {path}: {one_line(error)}") from None
-        if not isinstance(saved, dict) or not saved:
-            continue
+        if saved is None or (isinstance(saved, dict) and not saved):
+            continue  # nothing saved there (an empty file, a checkpoint without its config): the next source
+        if not isinstance(saved, dict):
+            raise ConfigError(f"the config saved in {path} is a {type(saved).__name__}, not a mapping of settings; "
+                              f"restore the run's config there, or delete the file to use the next saved one")
         try:
             cfg = OmegaConf.merge(OmegaConf.structured(config.RunConfig), saved)
         except OmegaConfBaseException as error:
