@@ -136,3 +136,12 @@ def float64():
         yield
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
+    """``proc`` failed as a user error should: exit 2, one ``metarun: error:`` line holding ``expected``."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metarun: error: "), proc.stderr
+    for part in expected:
+        assert part in lines[0], lines[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, TINY_GLYPHS, run_cli
+from conftest import TINY, TINY_GLYPHS, one_line_error, run_cli
 
 
 def tiny(*extra: str) -> list[str]:
@@ -27,12 +27,6 @@ def fingerprint(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
-
-def one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metarun: error: "), proc.stderr
-    assert expected in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, TINY_GLYPHS, run_cli
+from conftest import TINY, TINY_GLYPHS, one_line_error, run_cli
 from metarun.errors import OutputExistsError
 from metarun.loop import check_run_dir
 
@@ -26,13 +25,6 @@ def fingerprint(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
-
-def one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("metarun: error: "), proc.stderr
-    for part in expected:
-        assert part in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
