@@ -167,6 +167,60 @@ def test_bad_arguments_are_one_line(tmp_path):
         assert message in proc.stderr
 
 
+def table_command(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metarun.table", *argv], cwd=cwd, capture_output=True, text=True)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty", "list", "out is a file", "out holds a table", "seeds -1",
+                                  "iterations 0", "iterations x"])
+def test_bad_table_input_is_one_line_and_writes_nothing(fake_sweep, tmp_path, case):
+    out = tmp_path / "out"
+    argv = ["--collect", str(fake_sweep), "--out", str(out)]
+    message = {
+        "corrupt": "is not a readable results.json of a finished run", "empty": "is not a readable results.json",
+        "list": "not a JSON object", "out is a file": "is a file; name a directory",
+        "out holds a table": "already holds a table (table.md", "seeds -1": "--seeds: -1 is not a non-negative",
+        "iterations 0": "0 is not a positive integer", "iterations x": "'x' is not an integer",
+    }[case]
+    bad = fake_sweep / "0_experiment=maml_omniglot_5w1s" / "results.json"
+    if case == "corrupt":
+        bad.write_text(bad.read_text()[:40])
+    elif case == "empty":
+        bad.write_text("")
+    elif case == "list":
+        bad.write_text("[1, 2]")
+    elif case == "out is a file":
+        out.write_text("mine")
+    elif case == "out holds a table":
+        out.mkdir()
+        (out / "table.md").write_text("mine")
+    elif case == "seeds -1":
+        argv = ["maml_omniglot_5w1s", "--seeds", "0", "-1"]
+    else:
+        argv = ["maml_omniglot_5w1s", "--iterations", case.split()[1]]
+    before = files_of(tmp_path)
+    proc = table_command(argv, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("metarun-table: error: "), proc.stderr
+    assert message in lines[0], lines[0]
+    assert files_of(tmp_path) == before
+
+
+def test_collect_counts_a_job_once_whatever_metarun_eval_wrote_into_it(fake_sweep, tmp_path):
+    """metarun-eval writes JOB/eval/NAME/results.json; the job is collected, its evaluations are not jobs."""
+    job = fake_sweep / "0_experiment=maml_omniglot_5w1s"
+    (job / "eval" / "best-test-ways=3").mkdir(parents=True)
+    (job / "eval" / "best-test-ways=3" / "results.json").write_text(json.dumps({"test/acc_mean": 0.5}))
+    runs = table.collect(fake_sweep)
+    assert sum(run.path == job for run in runs) == 1 and not any("eval" in run.path.parts for run in runs)
+    assert table.main(["--collect", str(fake_sweep), "--out", str(tmp_path / "out")]) == 0
+
+
 def test_seeds_and_presets_can_be_given_in_any_order():
     args = table.parse_args(["--seeds", "0", "1", "2", "maml_*", "dataset.root=/x"])
     assert args.seeds == [0, 1, 2] and args.items == ["maml_*", "dataset.root=/x"]

@@ -4,6 +4,7 @@ the config groups, and errors a user can fix as one line, ``metarun: error: ...`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import Iterator
@@ -49,3 +50,16 @@ def user_errors(interrupted: str) -> Iterator[None]:
         if cause is None:
             raise
         fail(str(cause))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad argument as one line ``<label>: error: ... (<prog> --help)`` and exit
+    status 2 instead of the usage block (``label``: how the command signs its errors, ``metarun``)."""
+
+    def __init__(self, *args, label: str = "metarun", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.label = label
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.label}: error: {message} ({self.prog} --help)", file=sys.stderr)
+        sys.exit(2)

@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from metarun.commands import CONFIG_DIR
+from metarun.commands import CONFIG_DIR, OneLineParser
 from metarun.config import UNNAMED_KEYS
 
 # Overrides that say where things are or how a job runs, not what it computes: they do not split rows.
@@ -168,7 +168,17 @@ def default_ci_z() -> float:
 
 
 def read_run(results_path: Path) -> Run:
-    results = json.loads(results_path.read_text())
+    try:
+        results = json.loads(results_path.read_text())
+        if not isinstance(results, dict):
+            raise ValueError("not a JSON object")
+        return _run(results_path, results)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise TableError(f"{results_path} is not a readable results.json of a finished run ({error}); rerun that "
+                         f"job, or move the file away") from None
+
+
+def _run(results_path: Path, results: dict) -> Run:
     job = results_path.parent
     overrides = _job_overrides(job)
     config = results.get("config", {})
@@ -195,9 +205,37 @@ def read_run(results_path: Path) -> Run:
 
 
 def collect(sweep_dir: Path, presets: Sequence[str] = ()) -> list[Run]:
-    """Every finished job (a ``results.json``) under ``sweep_dir``; only ``presets`` when given."""
-    runs = [read_run(path) for path in sorted(Path(sweep_dir).rglob("results.json"))]
+    """Every finished job (a ``results.json``) under ``sweep_dir``; only ``presets`` when given. The
+    evaluations metarun-eval wrote into a job (``JOB/eval/NAME/results.json``) are not jobs."""
+    paths = [path for path in sorted(Path(sweep_dir).rglob("results.json")) if not is_evaluation(path)]
+    runs = [read_run(path) for path in paths]
     return [run for run in runs if not presets or run.preset in presets]
+
+
+def is_evaluation(results_path: Path) -> bool:
+    """Whether ``results_path`` is ``RUN/eval/NAME/results.json``, written by metarun-eval into a run."""
+    run = results_path.parent.parent.parent
+    return results_path.parent.parent.name == "eval" and ((run / "results.json").is_file() or (run / ".hydra").is_dir())
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or that already holds a table (nothing is overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise TableError(f"--out {out} is a file; name a directory for table.md, table.csv and table.png")
+    existing = [name for name in ("table.md", "table.csv", "table.png") if (out / name).exists()]
+    if existing:
+        raise TableError(f"{out} already holds a table ({', '.join(existing)}); choose another --out, or delete it")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 @dataclass
@@ -457,8 +495,8 @@ def sweep_command(presets: Sequence[str], seeds: Sequence[int], sweep_dir: Path,
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="metarun-table",
+    parser = OneLineParser(
+        prog="metarun-table", label="metarun-table",
         description="Run experiment presets over seeds (one Hydra multirun) or collect finished runs, and write "
                     "a Markdown and CSV table against the published numbers, with a figure.",
         epilog=VERDICT_DEFINITION,
@@ -467,7 +505,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="experiment presets (names or globs such as 'maml_*'); arguments with '=' are Hydra "
                              "overrides for every job")
     parser.add_argument("--seeds", nargs="+", default=["0"], help="seeds (default: 0)")
-    parser.add_argument("--iterations", type=int, help="run N iterations instead of the preset's (the table marks "
+    parser.add_argument("--iterations", type=positive_int, help="run N iterations instead of the preset's (the table marks "
                                                        "the row as shortened)")
     parser.add_argument("--collect", type=Path, metavar="SWEEP_DIR",
                         help="run nothing: tabulate the finished runs (results.json) under SWEEP_DIR")
@@ -478,7 +516,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     seeds, rest = [], []
     for token in args.seeds:
         for part in token.split(","):
-            (seeds if part.strip().isdigit() else rest).append(part.strip())
+            part = part.strip()
+            if part.lstrip("+-").isdigit() and not part.isdigit():
+                parser.error(f"--seeds: {part} is not a non-negative integer")
+            (seeds if part.isdigit() else rest).append(part)
     if not seeds:
         parser.error("--seeds needs at least one non-negative integer")
     args.seeds = [int(s) for s in seeds]
@@ -515,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"metarun-table: the sweep stopped with exit status {returncode}; tabulating the runs that "
                       f"finished", file=sys.stderr)
             source = f"`python {shown}`"
+        check_out(out)
         runs = collect(sweep_dir, presets)
         if not runs:
             raise TableError(f"no finished run (results.json) under {sweep_dir}")

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from metarun import checkpoint, config, loop
 from metarun.algorithms.base import Algorithm
 from metarun.build import build_algorithm, build_data, build_tracker, resolve_device, seed_everything
-from metarun.commands import fail, user_error, user_errors
+from metarun.commands import OneLineParser, user_error, user_errors
 from metarun.cpu import configure_cpu
 from metarun.errors import CheckpointError, ConfigError, one_line
 from metarun.evaluate.episodes import EpisodeSet, read_episodes
@@ -273,13 +273,6 @@ def evaluate_run(request: Request) -> dict[str, Any]:
     }
     loop.report(tracker, results, label, cfg.console)  # test/acc_mean, ..., as in the run's results.json
     return results
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a bad argument as one line ``metarun: error: ...`` and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        fail(f"{message} (metarun-eval --help)")
 
 
 def parser() -> argparse.ArgumentParser:
