@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import random
@@ -145,3 +146,24 @@ def one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("metarun: error: "), proc.stderr
     for part in expected:
         assert part in lines[0], lines[0]
+
+
+def tiny(*extra: str) -> list[str]:
+    """The tiny test run's command line; on the small generated dataset unless ``extra`` picks another."""
+    other_data = any(o.startswith("dataset=") for o in extra)
+    return [*TINY, *extra] if other_data else [*TINY_GLYPHS, *TINY, *extra]
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Everything below ``folder``: the SHA-256 of every file's bytes, and every folder (empty ones too)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished tiny run (MAML on tiny glyphs) made by the command: it has .hydra/ and metarun.log."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli(*tiny(f"hydra.run.dir={out}"), cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF, TINY, TINY_GLYPHS, run_cli
-
-
-def tiny(*extra: str) -> list[str]:
-    """The tiny test run; on the small generated dataset unless ``extra`` picks another."""
-    other_data = any(o.startswith("dataset=") for o in extra)
-    return [*TINY, *extra] if other_data else [*TINY_GLYPHS, *TINY, *extra]
+from conftest import CONF, run_cli, tiny
 
 
 def test_single_run_prints_per_step_table_and_writes_outputs(tmp_path):

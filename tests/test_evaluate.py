@@ -7,7 +7,6 @@ script's function) or, where the process itself matters, through the installed s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY, TINY_GLYPHS, glyph_generation_options, run_cli
+from conftest import TINY, TINY_GLYPHS, fingerprint, glyph_generation_options, run_cli
 from metarun import checkpoint
 from metarun.build import build_algorithm, build_data
 from metarun.checkpoint import save_model
@@ -48,10 +47,15 @@ def run_dir(trained, tmp_path) -> Path:
     return Path(shutil.copytree(trained[0], tmp_path / "run"))
 
 
-def fingerprint(folder: Path) -> dict[str, str]:
-    """Everything below ``folder``: the SHA-256 of every file's bytes, and every folder (empty ones too)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
-            for p in sorted(folder.rglob("*"))}
+
+
+def save_untrained_run(cfg, run_dir: Path) -> None:
+    """A run directory as metarun-eval reads it: ``cfg`` in ``.hydra/config.yaml`` and the model it
+    builds, untrained, as ``checkpoints/best.pt`` (a metric method needs no training to be scored)."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"))
+    save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
 
 
 def call(capsys, *args: object) -> tuple[int, str, str]:
@@ -258,10 +262,7 @@ def test_protonet_scores_each_episode_of_a_hand_written_file(compose_cfg, tmp_pa
     class's prototype. Episode 1 labels the queries right, episode 2 wrong, episode 3 is 4-way."""
     cfg = compose_cfg("algorithm=protonet")
     run_dir = tmp_path / "run"
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"))
-    save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
+    save_untrained_run(cfg, run_dir)
 
     glyphs = generate_glyphs(**glyph_generation_options(num_alphabets=2, characters_per_alphabet=3,
                                                         samples_per_class=1))
@@ -357,10 +358,7 @@ def test_episodes_on_a_regression_run_is_one_line(compose_cfg, tmp_path, capsys)
     """A sinusoid run has no image files to read: --episodes is refused before the file is read."""
     cfg = compose_cfg("dataset=sinusoid")
     run_dir = tmp_path / "run"
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"))
-    save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
+    save_untrained_run(cfg, run_dir)
     before = fingerprint(run_dir)
     code, _, err = call(capsys, run_dir, "--episodes", write_episodes(tmp_path / "input", classes=3))
     assert code == 2
@@ -375,10 +373,7 @@ def test_an_episode_wider_than_the_training_tasks_is_scored_by_a_metric_method_w
     """ProtoNet has no output head: a 12-way episode (trained 5-way) runs, and one warning line says so."""
     cfg = compose_cfg("algorithm=protonet")
     run_dir = tmp_path / "run"
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    algorithm, _, _ = build_algorithm(cfg, torch.device("cpu"))
-    save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
+    save_untrained_run(cfg, run_dir)
     code, _, err = call(capsys, run_dir, "--episodes", write_episodes(tmp_path / "input", classes=12))
     assert code == 0, err
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -3,7 +3,6 @@ lost. Checkpoints never run code when loaded."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,27 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, TINY_GLYPHS, one_line_error, run_cli
-
-
-def tiny(*extra: str) -> list[str]:
-    return [*TINY_GLYPHS, *TINY, *extra]
-
-
-def fingerprint(directory: Path) -> dict[str, str]:
-    """Every file under ``directory`` with its SHA-256."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished tiny run (conv4, Adam)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    proc = run_cli(*tiny(f"hydra.run.dir={out}"), cwd=out.parent)
-    assert proc.returncode == 0, proc.stderr
-    return out
+from conftest import fingerprint, one_line_error, run_cli, tiny
 
 
 class Payload:

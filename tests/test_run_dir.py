@@ -5,35 +5,14 @@ run is hashed before and after."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, TINY_GLYPHS, one_line_error, run_cli
+from conftest import fingerprint, one_line_error, run_cli, tiny
 from metarun.errors import OutputExistsError
 from metarun.loop import check_run_dir
-
-
-def tiny(*extra: str) -> list[str]:
-    return [*TINY_GLYPHS, *TINY, *extra]
-
-
-def fingerprint(directory: Path) -> dict[str, str]:
-    """Every file under ``directory`` (``.hydra/`` and ``metarun.log`` included) with its SHA-256."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished tiny run (MAML on tiny glyphs), made by the command: it has .hydra/ and metarun.log."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    proc = run_cli(*tiny(f"hydra.run.dir={out}"), cwd=out.parent)
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 @pytest.fixture

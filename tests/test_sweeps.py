@@ -19,12 +19,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from conftest import CONF, TINY, TINY_GLYPHS, run_cli
+from conftest import CONF, run_cli, tiny
 from metarun.loop import run
-
-
-def tiny(*extra: str) -> list[str]:
-    return [*TINY_GLYPHS, *TINY, *extra]
 
 
 def hydra_cfg(*overrides: str):
