@@ -20,6 +20,7 @@ from metarun import config
 from metarun.algorithms.base import Algorithm
 from metarun.config import takes_features
 from metarun.cpu import configure_cpu
+from metarun.distributed import SINGLE, Ranks, check_world, device_for
 from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
 from metarun.tasks.device import training_sampler
@@ -136,8 +137,15 @@ def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective 
     return algorithm, optimizer, scheduler
 
 
-def build_tracker(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None) -> Tracker:
+def build_tracker(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None,
+                  ranks: Ranks = SINGLE) -> Tracker:
+    """The run's files, W&B and console; none on a rank other than 0 (one writer). The W&B config of
+    a distributed run also records its ranks (``distributed``: world size, backend, devices)."""
+    if not ranks.writes:
+        return Trackers([])
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if ranks.active:
+        resolved["distributed"] = ranks.record()
     trackers: list[Tracker] = [FileTracker(output_dir)]
     trackers.append(instantiate(cfg.wandb, run_config=resolved, dir=str(output_dir), defaults=wandb_defaults or {},
                                 _convert_="all", _recursive_=False))
@@ -146,14 +154,19 @@ def build_tracker(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, A
     return Trackers(trackers)
 
 
-def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None) -> Parts:
+def build(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None,
+          ranks: Ranks = SINGLE) -> Parts:
     """Validate ``cfg`` and build every part of the run, trackers last (nothing is logged for a
-    run that cannot start)."""
+    run that cannot start). Every rank of a distributed run builds the same parts (same seed, so
+    the same fixed tasks and the same meta-batches), each on its own device."""
     config.validate(cfg)
+    check_world(ranks, cfg.meta_batch_size, [cfg.eval.tasks, cfg.eval.val_tasks])
     configure_cpu(cfg.threads, cfg.keep_freed_memory)
-    device = resolve_device(cfg.device)
+    device = resolve_device(device_for(cfg.device, ranks))
+    if ranks.active:
+        ranks.devices = ranks.exchange(str(device))  # every rank's, in rank order
     seed_everything(cfg.seed)
     train_sampler, val_tasks, test_tasks, objective = build_data(cfg, device)
     algorithm, optimizer, scheduler = build_algorithm(cfg, device, objective)
-    tracker = build_tracker(cfg, output_dir, wandb_defaults)
+    tracker = build_tracker(cfg, output_dir, wandb_defaults, ranks)
     return Parts(device, algorithm, optimizer, scheduler, train_sampler, val_tasks, test_tasks, tracker, objective)

@@ -71,19 +71,22 @@ def has_any(ckpt_dir: Path) -> bool:
 
 
 def keep_top(ckpt_dir: Path, top: list[tuple[float, int]], score: float, iteration: int, algorithm: nn.Module,
-             top_k: int, higher_is_better: bool) -> list[tuple[float, int]]:
+             top_k: int, higher_is_better: bool, write: bool = True) -> list[tuple[float, int]]:
     """Keep the ``top_k`` best validation checkpoints in ``top/`` (for an ensemble test): save the
     model of ``iteration`` when its ``score`` ranks among them, delete the members it pushes out.
 
     Args:
         top: the ``(score, iteration)`` of the members kept so far, best first.
         higher_is_better: the direction of ``score``.
+        write: save and delete the files (False: only rank them, on the ranks that do not write).
 
     Returns:
         The members kept now, best first.
     """
     ranked = sorted([*top, (score, iteration)], key=lambda e: e[0], reverse=higher_is_better)
     kept, dropped = ranked[:top_k], ranked[top_k:]
+    if not write:
+        return kept
     if (score, iteration) in kept:
         save_model(top_file(ckpt_dir, iteration), algorithm, iteration)
     for _, dropped_iteration in dropped:

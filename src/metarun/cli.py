@@ -7,6 +7,7 @@ loss) are printed as one line, ``metarun: error: ...``, with exit status 2
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from metarun import checkpoint, config  # config registers the run_schema with Hydra's ConfigStore
+from metarun import checkpoint, config, distributed  # config registers the run_schema with Hydra's ConfigStore
 from metarun.commands import CONFIG_DIR, GROUPS, fail, user_errors
+from metarun.errors import RankFailure
 from metarun.loop import run
 
 
@@ -41,12 +43,65 @@ def wandb_defaults(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def run_job(cfg: DictConfig) -> float:
     output_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
-    with user_errors(f"interrupted; checkpoints so far are in {checkpoint.folder(output_dir)}: continue with "
-                     f"resume={output_dir}"):
+    interrupted = f"interrupted; checkpoints so far are in {checkpoint.folder(output_dir)}: continue with " \
+                  f"resume={output_dir}"
+    with user_errors(interrupted):
+        ranks = distributed.join()  # torchrun joined in main(); a Slurm task of a sweep joins here
+    with user_errors(interrupted, ranks.label):
+        if not ranks.writes:
+            logging.getLogger().setLevel(logging.ERROR)  # one writer: the other ranks only report errors
         config.check_references(cfg)  # before printing the resolved config
-        if cfg.console:
+        ranks.check_same("configs", OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.console and ranks.writes:
             print(OmegaConf.to_yaml(cfg, resolve=True))
-        return run(cfg, output_dir, wandb_defaults(cfg))
+        try:
+            objective = run(cfg, output_dir, wandb_defaults(cfg), ranks)
+        except RankFailure as error:
+            raise RankFailure(f"{error}: continue with resume={output_dir}") from None
+        distributed.leave()
+        return objective
+
+
+def join_ranks(args: list[str]) -> list[str]:
+    """Under torchrun (or Slurm tasks started by hand): join the process group before Hydra starts,
+    and return the arguments every rank then runs with: rank 0's run directory (Hydra names it after
+    the time, which the ranks would not agree on to the second) and, on the other ranks, no
+    ``.hydra/`` and no log file (rank 0 alone writes). One process: ``args`` unchanged."""
+    if distributed.from_environment() is None:
+        return args
+    with user_errors("interrupted while joining the other ranks"):
+        ranks = distributed.join()
+        if not ranks.active:
+            return args
+        if any(a in ("-m", "--multirun") for a in args):
+            fail(f"{ranks.label}a torchrun launch runs one job on all its ranks; sweep with -m hydra/launcher=slurm "
+                 f"hydra.launcher.tasks_per_node=N (every task of a job is one rank)")
+        given = [a for a in args if a.split("=", 1)[0] in ("hydra.run.dir", "+hydra.run.dir")]
+        run_dir = ranks.exchange(composed_run_dir(args) if ranks.writes and not given else "")[0]
+        extra = [f"hydra.run.dir={quote(run_dir)}"] if run_dir else []
+        if not ranks.writes:
+            extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return [*args, *extra]
+
+
+def composed_run_dir(args: list[str]) -> str:
+    """The run directory Hydra would make for ``args`` now ("" when the config does not compose:
+    Hydra then reports it on every rank)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[a for a in args if "=" in a], return_hydra_config=True)
+        return str(cfg.hydra.run.dir)
+    except Exception:  # noqa: BLE001 - reported by Hydra itself
+        return ""
+
+
+def quote(value: str) -> str:
+    """``value`` as one Hydra override value (quoted when it holds characters the grammar reads)."""
+    if all(c.isalnum() or c in "/._-:~" for c in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def check_arguments(args: list[str]) -> None:
@@ -134,8 +189,9 @@ def check_run_directory(args: list[str]) -> None:
 
 
 def main() -> None:
-    """The ``metarun`` command: one-line checks of the arguments and of the run directory, then the
-    Hydra job."""
+    """The ``metarun`` command: under torchrun, join the other ranks; one-line checks of the
+    arguments and of the run directory; then the Hydra job."""
+    sys.argv[1:] = join_ranks(sys.argv[1:])
     check_arguments(sys.argv[1:])
     check_run_directory(sys.argv[1:])
     run_job()

@@ -10,9 +10,9 @@ import sys
 from collections.abc import Iterator
 
 from metarun.config import config_dir
-from metarun.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError, OutputExistsError
+from metarun.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError, OutputExistsError, RankFailure
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError, RankFailure)
 
 # conf/ sits at the top of the repository, next to src/ (metarun is installed editable).
 CONFIG_DIR = str(config_dir())
@@ -37,19 +37,20 @@ def fail(message: str) -> None:
 
 
 @contextlib.contextmanager
-def user_errors(interrupted: str) -> Iterator[None]:
+def user_errors(interrupted: str, label: str = "") -> Iterator[None]:
     """What a user can fix ends as one ``metarun: error:`` line and exit 2 (:func:`user_error`),
-    Ctrl-C as ``metarun: <interrupted>`` and exit 130; anything else is a bug and keeps its traceback."""
+    Ctrl-C as ``metarun: <interrupted>`` and exit 130; anything else is a bug and keeps its traceback.
+    ``label`` starts the line (``rank 1: `` in a distributed run)."""
     try:
         yield
     except KeyboardInterrupt:
-        print(f"metarun: {interrupted}", file=sys.stderr)
+        print(f"metarun: {label}{interrupted}", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
         cause = user_error(error)
         if cause is None:
             raise
-        fail(str(cause))
+        fail(f"{label}{cause}")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -23,6 +23,11 @@ class OutputExistsError(FileExistsError):
     """The output directory already holds a finished run."""
 
 
+class RankFailure(RuntimeError):
+    """Another rank of a distributed run stopped (died, was killed, or failed). The message is one
+    line naming it."""
+
+
 def one_line(error: BaseException) -> str:
     """The first line of an error's message (or its type), for one-line user messages."""
     text = str(error).strip()

@@ -29,6 +29,7 @@ from torch import nn
 from metarun import checkpoint, config
 from metarun.algorithms.base import Algorithm, MetaUpdate
 from metarun.build import build
+from metarun.distributed import SINGLE, Ranks
 from metarun.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from metarun.objectives import Objective, TaskResult
 from metarun.statistics import TaskScores, final_values
@@ -67,23 +68,38 @@ def task_results(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool) 
         return algorithm.run_tasks(tasks, algorithm.eval_inner_steps, every_step=True)
 
 
+def gather(ranks: Ranks, scores: TaskScores) -> TaskScores:
+    """The scores of every rank's share of the fixed tasks, in task order (one rank: ``scores``)."""
+    if not ranks.active:
+        return scores
+    parts = [json.loads(text) for text in ranks.exchange(json.dumps(scores.to_json()))]
+    return TaskScores.concatenate(parts, scores.ci_z, scores.loss_metric)
+
+
 def score_tasks(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, ci_z: float,
-                loss_metric: str | None = None) -> TaskScores:
+                loss_metric: str | None = None, ranks: Ranks = SINGLE) -> TaskScores:
     """Query metrics of every fixed task after every adaptation step.
 
-    ``loss_metric`` is the objective's name for the loss when it is the metric (``"mse"``).
+    ``loss_metric`` is the objective's name for the loss when it is the metric (``"mse"``). With
+    several ``ranks`` each runs its share of the tasks (:meth:`Ranks.share`) and every rank gets all
+    the scores, in task order: the same numbers as one process.
     """
-    return TaskScores.of(task_results(algorithm, tasks, bn_batch_stats), ci_z, loss_metric)
+    if ranks.active:
+        tasks = tasks.part(ranks.share(len(tasks)))
+    return gather(ranks, TaskScores.of(task_results(algorithm, tasks, bn_batch_stats), ci_z, loss_metric))
 
 
 def score_ensemble(algorithm: Algorithm, checkpoints: list[Path], tasks: FixedTasks, objective: Objective,
-                   bn_batch_stats: bool, ci_z: float) -> TaskScores:
+                   bn_batch_stats: bool, ci_z: float, ranks: Ranks = SINGLE) -> TaskScores:
     """Query metrics of the ensemble of the models saved in ``checkpoints``, after every step.
 
     Each model adapts to each task on its own; the ensemble's prediction after step k is the
     mean of the members' predictions after step k (Antoniou et al. 2019 test MAML++ as the
     ensemble of its top-5 validation checkpoints). ``algorithm`` ends holding the last member.
+    Several ``ranks`` share the tasks as in :func:`score_tasks`.
     """
+    if ranks.active:
+        tasks = tasks.part(ranks.share(len(tasks)))
     members = []
     for path in checkpoints:
         checkpoint.load_model(path, algorithm)
@@ -92,21 +108,22 @@ def score_ensemble(algorithm: Algorithm, checkpoints: list[Path], tasks: FixedTa
         [objective.ensemble([member[t][k] for member in members], task.query) for k in range(len(members[0][t]))]
         for t, task in enumerate(tasks)
     ]
-    return TaskScores.of(combined, ci_z, objective.loss_metric)
+    return gather(ranks, TaskScores.of(combined, ci_z, objective.loss_metric))
 
 
 def score_checkpoints(algorithm: Algorithm, which: str, files: list[Path], splits: dict[str, FixedTasks],
-                      objective: Objective, bn_batch_stats: bool, ci_z: float) -> dict[str, TaskScores]:
+                      objective: Objective, bn_batch_stats: bool, ci_z: float,
+                      ranks: Ranks = SINGLE) -> dict[str, TaskScores]:
     """Query metrics of a saved model on the fixed tasks of each split (``{"val": tasks, ...}``),
     as a run tests it: the ensemble of ``files`` when ``which`` is :data:`checkpoint.TOP`
     (:func:`score_ensemble`), else the one model in ``files``. ``algorithm`` ends holding the last
     file's weights."""
     if which == checkpoint.TOP:
-        return {split: score_ensemble(algorithm, files, tasks, objective, bn_batch_stats, ci_z)
+        return {split: score_ensemble(algorithm, files, tasks, objective, bn_batch_stats, ci_z, ranks)
                 for split, tasks in splits.items()}
     (path,) = files
     checkpoint.load_model(path, algorithm)
-    return {split: score_tasks(algorithm, tasks, bn_batch_stats, ci_z, objective.loss_metric)
+    return {split: score_tasks(algorithm, tasks, bn_batch_stats, ci_z, objective.loss_metric, ranks)
             for split, tasks in splits.items()}
 
 
@@ -194,6 +211,7 @@ def meta_train(
     divergence_factor: float | None = None,
     run_config: dict[str, Any] | None = None,
     resume: tuple[Path, dict[str, Any]] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> RunState:
     """Meta-train, validating every ``eval_every`` iterations and keeping the best checkpoint.
 
@@ -202,27 +220,32 @@ def meta_train(
     resume) and, with ``top_k > 1``, the ``top_k`` best in ``checkpoints/top/``. ``run_config`` (the
     unresolved config) goes into ``last.pt``; ``resume`` is a checkpoint's path and its contents
     (:func:`checkpoint.read_run`). Each validation is checked for divergence against ``divergence_factor``
-    (:func:`check_divergence`; None: not checked). Returns the final state.
+    (:func:`check_divergence`; None: not checked). With several ``ranks`` each runs its share of every
+    meta-batch (:meth:`MetaUpdate.shared`) and of the validation tasks, and rank 0 alone writes the
+    checkpoints. Returns the final state.
     """
     state = RunState()
     ckpt_dir = checkpoint.folder(output_dir)
-    checkpoint.remove_temporaries(ckpt_dir)
+    if ranks.writes:
+        checkpoint.remove_temporaries(ckpt_dir)
     if resume is not None:
         resume_from, saved = resume
         state = RunState.from_saved(checkpoint.restore_run(saved, resume_from, algorithm, optimizer, scheduler),
                                     objective)
         # The best models so far belong to the resumed run; carry them over so they can still win.
-        checkpoint.carry_over(resume_from.parent, ckpt_dir, [iteration for _, iteration in state.top])
+        if ranks.writes:
+            checkpoint.carry_over(resume_from.parent, ckpt_dir, [iteration for _, iteration in state.top])
         log.info("resumed from %s at iteration %d", resume_from, state.iteration)
-    update = MetaUpdate(optimizer, grad_clip)
+    update = MetaUpdate(optimizer, grad_clip, ranks)
     tracker.start_training(iterations, state.iteration)
     try:  # the progress bar must stop even when training stops with an error
         while state.iteration < iterations:
             algorithm.on_iteration(state.iteration, iterations)
-            tasks = sample_tasks(train_sampler, meta_batch_size)  # one draw from the device sampler
+            tasks = sample_tasks(train_sampler, meta_batch_size)  # one draw from the device sampler, on every rank
             algorithm.train()
             try:
-                metrics = algorithm.meta_step(tasks, update)
+                with update.shared(algorithm, tasks) as share:  # this rank's slice (one rank: all of them)
+                    metrics = algorithm.meta_step(share, update)
             except NonFiniteLossError as error:
                 raise NonFiniteLossError(
                     f"{error} at iteration {state.iteration + 1}; lower optimizer.lr or algorithm.inner_lr, "
@@ -234,17 +257,18 @@ def meta_train(
             state.iteration += 1
             tracker.log(metrics, state.iteration)
             if state.iteration % eval_every == 0 or state.iteration == iterations:
-                val = score_tasks(algorithm, val_tasks, bn_batch_stats, ci_z, objective.loss_metric)
+                val = score_tasks(algorithm, val_tasks, bn_batch_stats, ci_z, objective.loss_metric, ranks)
                 score = val.score(objective.metric)
                 if objective.better(score, state.best_val):
                     state.best_val, state.best_iteration = score, state.iteration
-                    checkpoint.save_model(checkpoint.best_file(ckpt_dir), algorithm, state.iteration)
+                    if ranks.writes:
+                        checkpoint.save_model(checkpoint.best_file(ckpt_dir), algorithm, state.iteration)
                 if checkpoint.tested(top_k) == checkpoint.TOP:
                     state.top = checkpoint.keep_top(ckpt_dir, state.top, score, state.iteration, algorithm, top_k,
-                                                    objective.higher_is_better)
+                                                    objective.higher_is_better, write=ranks.writes)
                 tracker.log(val.final_metrics("val"), state.iteration)
                 check_divergence(val, divergence_factor, state, tracker)
-            if state.iteration % checkpoint_every == 0 or state.iteration == iterations:
+            if ranks.writes and (state.iteration % checkpoint_every == 0 or state.iteration == iterations):
                 checkpoint.save_run(checkpoint.last_file(ckpt_dir), algorithm, optimizer, scheduler, state, run_config or {},
                                     tracker.run_id)
     finally:
@@ -303,9 +327,13 @@ def hardware(device: torch.device) -> str:
     return "; ".join(parts)
 
 
-def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None) -> float:
+def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None = None,
+        ranks: Ranks = SINGLE) -> float:
     """Build the parts, meta-train, test the best-on-validation model (or the ensemble of the
     ``eval.top_k`` best), write the results.
+
+    With several ``ranks`` (:mod:`metarun.distributed`) every rank trains and tests its share, and
+    rank 0 alone writes.
 
     Returns:
         The best mean validation metric after the last adaptation step, in its own direction
@@ -331,19 +359,22 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         resume = (resume_from, checkpoint.read_run(resume_from, run_config))
         # The resumed run continues its W&B run rather than starting another.
         wandb_defaults = {**(wandb_defaults or {}), "id": resume[1].get("wandb_id")}
-    parts = build(cfg, output_dir, wandb_defaults)
+    parts = build(cfg, output_dir, wandb_defaults, ranks)
     objective = parts.objective
     started = time.perf_counter()
     log.info("device %s, %d meta-parameters", parts.device, sum(p.numel() for p in parts.algorithm.parameters()))
+    if ranks.active:
+        log.info("%d ranks (%s), devices %s", ranks.world_size, ranks.backend, ", ".join(ranks.devices))
     state = meta_train(
         parts.algorithm, parts.optimizer, parts.scheduler, parts.train_sampler, parts.val_tasks, parts.tracker,
         output_dir, objective, iterations=cfg.iterations, meta_batch_size=cfg.meta_batch_size,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, grad_clip=cfg.grad_clip,
         bn_batch_stats=cfg.eval.bn_batch_stats, ci_z=cfg.eval.ci_z, top_k=cfg.eval.top_k,
         divergence_factor=cfg.eval.divergence_factor, run_config=run_config,
-        resume=resume,
+        resume=resume, ranks=ranks,
     )
     train_seconds = time.perf_counter() - started
+    ranks.barrier()  # rank 0 has written the checkpoints every rank tests
 
     ckpt_dir = checkpoint.folder(output_dir)
     which = checkpoint.tested(cfg.eval.top_k)
@@ -353,7 +384,7 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     else:
         tested_iterations, files = [state.best_iteration], [checkpoint.best_file(ckpt_dir)]
     scores = score_checkpoints(parts.algorithm, which, files, {"val": parts.val_tasks, "test": parts.test_tasks},
-                               objective, cfg.eval.bn_batch_stats, cfg.eval.ci_z)
+                               objective, cfg.eval.bn_batch_stats, cfg.eval.ci_z, ranks)
     results: dict[str, Any] = {
         "best_iteration": state.best_iteration,
         f"best_val_{objective.metric}": state.best_val,
@@ -365,10 +396,13 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - run_started,  # this process: since a resume only
         "device": str(parts.device),
+        "distributed": ranks.record() if ranks.active else {"world_size": 1, "backend": None,
+                                                            "devices": [str(parts.device)]},
         "hardware": hardware(parts.device),
         "output_dir": str(output_dir),
         "curves": {split: split_scores.curves() for split, split_scores in scores.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    report(parts.tracker, results, "test", cfg.console)
+    if ranks.writes:
+        report(parts.tracker, results, "test", cfg.console)
     return state.best_val

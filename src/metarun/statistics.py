@@ -48,6 +48,22 @@ class AxisValues:
                 metrics[name][t, columns] = values.detach().to(device="cpu", dtype=torch.float64)
         return cls(positions=positions, metrics=metrics)
 
+    @classmethod
+    def concatenate(cls, parts: list[AxisValues], tasks: list[int]) -> AxisValues:
+        """The tasks of ``parts`` one after the other (``tasks``: how many each part holds), aligned on
+        the union of their positions, as :meth:`of` aligns them."""
+        positions = sorted({p for part in parts for p in part.positions})
+        column = {p: i for i, p in enumerate(positions)}
+        names = list(dict.fromkeys(name for part in parts for name in part.metrics))
+        metrics = {name: torch.full((sum(tasks), len(positions)), math.nan, dtype=torch.float64) for name in names}
+        start = 0
+        for part, count in zip(parts, tasks, strict=True):
+            columns = torch.tensor([column[p] for p in part.positions], dtype=torch.long)
+            for name, values in part.metrics.items():
+                metrics[name][start:start + count][:, columns] = values
+            start += count
+        return cls(positions=positions, metrics=metrics)
+
 
 @dataclass
 class TaskScores:
@@ -79,6 +95,35 @@ class TaskScores:
         final = [task[-1].curves or {} for task in results]
         names = list(dict.fromkeys(axis for curves in final for axis in curves))
         axes = {axis: AxisValues.of([curves.get(axis) for curves in final]) for axis in names}
+        return cls(loss=loss, accuracy=accuracy, ci_z=ci_z, loss_metric=loss_metric, axes=axes)
+
+    def to_json(self) -> dict[str, Any]:
+        """Every value, exactly (floats as JSON numbers round-trip; NaN as NaN): what a rank sends
+        to be gathered (:meth:`concatenate`)."""
+        return {"loss": self.loss.tolist(), "dtype": str(self.loss.dtype).removeprefix("torch."),
+                "accuracy": None if self.accuracy is None else self.accuracy.tolist(),
+                "axes": {axis: {"positions": values.positions, "metrics": {n: m.tolist() for n, m in values.metrics.items()}}
+                         for axis, values in self.axes.items()}}
+
+    @classmethod
+    def concatenate(cls, parts: list[dict[str, Any]], ci_z: float, loss_metric: str | None) -> TaskScores:
+        """The scores of the tasks of ``parts`` (:meth:`to_json`) one after the other: the per-rank
+        shards of an evaluation gathered in task order."""
+        dtype = getattr(torch, parts[0]["dtype"])
+        loss = torch.cat([torch.tensor(p["loss"], dtype=dtype) for p in parts])
+        accuracy = None
+        if parts[0]["accuracy"] is not None:
+            accuracy = torch.cat([torch.tensor(p["accuracy"], dtype=dtype) for p in parts])
+        tasks = [len(p["loss"]) for p in parts]
+        names = list(dict.fromkeys(axis for p in parts for axis in p["axes"]))
+        axes = {}
+        for axis in names:
+            pieces = [p["axes"].get(axis, {"positions": [], "metrics": {}}) for p in parts]
+            axes[axis] = AxisValues.concatenate(
+                [AxisValues(positions=piece["positions"],
+                            metrics={n: torch.tensor(v, dtype=torch.float64).reshape(count, len(piece["positions"]))
+                                     for n, v in piece["metrics"].items()})
+                 for piece, count in zip(pieces, tasks, strict=True)], tasks)
         return cls(loss=loss, accuracy=accuracy, ci_z=ci_z, loss_metric=loss_metric, axes=axes)
 
     def _ci(self, values: torch.Tensor) -> torch.Tensor:

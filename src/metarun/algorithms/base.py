@@ -46,6 +46,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from metarun.distributed import SINGLE, Ranks, running_state
 from metarun.errors import ConfigError, NonFiniteLossError
 from metarun.objectives import Objective, TaskResult
 from metarun.tasks.types import Task, TaskSplit
@@ -80,27 +81,53 @@ def private_buffers(module: nn.Module, keep: bool = False) -> Iterator[None]:
 
 
 class MetaUpdate:
-    """What the loop lends to :meth:`Algorithm.meta_step`: the optimizer, the non-finite check and
-    gradient clipping. The loop owns these mechanisms; an algorithm decides when to use them.
+    """What the loop lends to :meth:`Algorithm.meta_step`: the optimizer, the non-finite check,
+    gradient clipping, and the other ranks of a distributed run. The loop owns these mechanisms; an
+    algorithm decides when to use them.
+
+    With several ranks (:mod:`metarun.distributed`), :meth:`shared` gives each rank its slice of the
+    meta-batch, and every mean an algorithm takes over its tasks becomes the mean over the whole
+    meta-batch where it passes through here: :meth:`report` (the metrics), :meth:`step` (the
+    meta-gradient, before clipping, so clipping sees the global norm) and :meth:`average` (an update
+    of the algorithm's own, such as Reptile's). So a ``W``-rank run with ``meta_batch_size`` B follows
+    the one-process run with B, up to float summation order. With one rank none of this runs.
 
     Args:
         optimizer: the meta-optimizer (config group ``optimizer``).
         grad_clip: clip the meta-gradient's global norm to this, or None.
+        ranks: the run's process group (:data:`metarun.distributed.SINGLE`: one process).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, grad_clip: float | None, ranks: Ranks = SINGLE) -> None:
         self.optimizer = optimizer
         self.grad_clip = grad_clip
+        self.ranks = ranks
+        self.weight = 1.0  # this rank's share of the meta-batch
+
+    @contextlib.contextmanager
+    def shared(self, algorithm: nn.Module, tasks: Sequence[Task]) -> Iterator[Sequence[Task]]:
+        """This rank's slice of the meta-batch ``tasks`` (every rank drew the whole of it) for one
+        meta-step; on exit the BatchNorm running statistics become those of one process running all
+        the slices in rank order (:meth:`Ranks.merge_running_statistics`). One rank: ``tasks`` itself."""
+        if not self.ranks.active:
+            yield tasks
+            return
+        local = tasks[self.ranks.share(len(tasks))]
+        self.weight = len(local) / len(tasks)
+        before = running_state(algorithm)
+        yield local
+        self.ranks.merge_running_statistics(algorithm, before)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    @staticmethod
-    def read(*values: torch.Tensor | None) -> list[float | None]:
-        """Scalars to floats in one host read (one GPU sync per meta-batch). The first value is
-        the loss being optimised; a non-finite one raises :class:`NonFiniteLossError`."""
-        present = [v.detach().float().reshape(()) for v in values if v is not None]
-        floats = iter(torch.stack(present).tolist())
+    def read(self, *values: torch.Tensor | None) -> list[float | None]:
+        """Scalars to floats in one host read (one GPU sync per meta-batch), each the mean over the
+        whole meta-batch (over ranks). The first value is the loss being optimised; a non-finite one
+        raises :class:`NonFiniteLossError`."""
+        present = torch.stack([v.detach().float().reshape(()) for v in values if v is not None])
+        self.ranks.weighted_sum_([present], self.weight)
+        floats = iter(present.tolist())
         out = [None if v is None else next(floats) for v in values]
         if not math.isfinite(out[0]):
             raise NonFiniteLossError(f"meta-training loss is {out[0]}")
@@ -119,10 +146,18 @@ class MetaUpdate:
         metrics.update({f"train/{name}": value for name, value in zip(names, part_values, strict=True)})
         return metrics
 
+    def average(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Tensors that are means over this rank's tasks become means over the whole meta-batch, in
+        place (an update the algorithm applies itself, without the optimizer: Reptile's ``phi``)."""
+        self.ranks.weighted_sum_(list(tensors), self.weight)
+
     def step(self, parameters: Iterable[nn.Parameter]) -> None:
-        """Clip (when configured) and apply the optimizer to the accumulated ``.grad``."""
+        """Average ``.grad`` over the ranks (when there are several), clip (when configured) and
+        apply the optimizer."""
+        parameters = list(parameters)
+        self.ranks.reduce_gradients(parameters, self.weight)
         if self.grad_clip is not None:
-            nn.utils.clip_grad_norm_(list(parameters), self.grad_clip)
+            nn.utils.clip_grad_norm_(parameters, self.grad_clip)
         self.optimizer.step()
 
 

@@ -84,6 +84,9 @@ class PerStepBatchNorm(nn.modules.batchnorm._BatchNorm):
         if per_step_statistics:
             self.register_buffer("running_mean", torch.zeros(sets, num_features))
             self.register_buffer("running_var", torch.ones(sets, num_features))
+            # Training passes folded into each row (num_batches_tracked counts them all): what merging
+            # the rows of several ranks needs (metarun.distributed). Not saved: checkpoints are unchanged.
+            self.register_buffer("row_passes", torch.zeros(sets, dtype=torch.long), persistent=False)
         if per_step_weights:
             self.weight = nn.Parameter(torch.ones(sets, num_features))
             self.bias = nn.Parameter(torch.zeros(sets, num_features))
@@ -116,6 +119,8 @@ class PerStepBatchNorm(nn.modules.batchnorm._BatchNorm):
             weight, bias = weight[row], bias[row]
         if self.training:
             self.num_batches_tracked.add_(1)
+            if self.per_step_statistics:
+                self.row_passes[row] += 1
         return F.batch_norm(x, mean, var, weight, bias, self.training, self.momentum, self.eps)
 
     def extra_repr(self) -> str:

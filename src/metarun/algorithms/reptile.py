@@ -192,7 +192,8 @@ class Reptile(Algorithm):
     # -- outer loop -------------------------------------------------------------------------------
 
     def meta_step(self, tasks: Sequence[Task], update: MetaUpdate) -> dict[str, float]:
-        """``theta <- theta + eps * mean_i(phi_i - theta)``; ``update`` lends only its non-finite check."""
+        """``theta <- theta + eps * mean_i(phi_i - theta)``; ``update`` lends its non-finite check and the
+        mean over ranks (:meth:`MetaUpdate.average`), not its optimizer."""
         parameters = list(self.model.parameters())
         totals = [torch.zeros_like(p) for p in parameters]  # sum_i phi_i
         losses, accuracies = [], []
@@ -207,6 +208,8 @@ class Reptile(Algorithm):
                 if result.accuracy is not None:
                     accuracies.append(result.accuracy)
             metrics = update.report(torch.stack(losses).mean(), torch.stack(accuracies).mean() if accuracies else None)
-            for parameter, total in zip(parameters, totals, strict=True):
-                parameter.add_(total / len(tasks) - parameter, alpha=self.outer_step)
+            means = [total / len(tasks) for total in totals]  # mean_i phi_i over this rank's tasks
+            update.average(means)  # ... over the whole meta-batch when it is split across ranks
+            for parameter, mean in zip(parameters, means, strict=True):
+                parameter.add_(mean - parameter, alpha=self.outer_step)
         return metrics

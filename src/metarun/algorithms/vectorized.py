@@ -411,6 +411,8 @@ class Engine:
                 running_var = bn.running_var[row] if per_step else bn.running_var
                 running_mean.mul_(keep).add_(weights @ means)
                 running_var.mul_(keep).add_(weights @ variances)
+                if per_step:
+                    bn.row_passes[row] += count
             for bn, passes in outcome.passes.items():
                 if bn.num_batches_tracked is not None:
                     bn.num_batches_tracked.add_(passes * tasks)

@@ -258,6 +258,10 @@ class FixedTasks:
         for description in self.drawn:
             yield self.sampler.materialise(*description)
 
+    def part(self, part: slice) -> FixedTasks:
+        """The tasks of ``part`` (a rank's share of an evaluation), in order."""
+        return FixedTasks(self.sampler, self.drawn[part])
+
 
 def check_task_shape(classes: ImageClasses, ways: int, shots: int, query_shots: int, split_name: str) -> None:
     """Raise one clear DatasetError when a split cannot provide the requested tasks."""
