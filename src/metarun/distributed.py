@@ -12,8 +12,8 @@ lends the collectives the rest of metarun needs, through :class:`Ranks`:
 - :meth:`Ranks.weighted_sum_`: ``sum_r w_r x_r`` in place, ``w_r`` the share of the meta-batch
   rank ``r`` ran: the meta-gradient, the metrics and Reptile's ``phi`` are means over the whole
   meta-batch (:class:`metarun.algorithms.base.MetaUpdate` calls it).
-- :meth:`Ranks.merge_running_statistics`: BatchNorm running statistics as if the ranks' tasks had
-  run one after the other in one process.
+- :meth:`Ranks.merge_buffers`: BatchNorm running statistics as if the ranks' tasks had run one
+  after the other in one process.
 - :meth:`Ranks.exchange`: text from every rank, in rank order (evaluation results are gathered
   with it, as JSON: nothing is unpickled).
 
@@ -37,11 +37,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from metarun.errors import ConfigError, RankFailure
+
+log = logging.getLogger(__name__)
+_WARNED_CARRIED = False  # the warning of merge_buffers, once per process
 
 # Seconds a collective waits for a rank that neither answers nor closes its connection (a hung
 # process); a rank that dies closes its connections and is noticed at once. METARUN_DIST_TIMEOUT_S
@@ -113,7 +118,7 @@ class Ranks:
         all-reduce. Every rank passes tensors of the same shapes, dtypes and device, in the same order."""
         if not self.active or not tensors:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors]) * weight
+        flat = torch.cat([t.reshape(-1).double() for t in tensors]) * weight  # float64: one rounding, at the end
         self._call(dist.all_reduce, flat)
         offset = 0
         for t in tensors:
@@ -130,8 +135,9 @@ class Ranks:
         if not parameters:
             return
         first = parameters[0]
-        present = torch.tensor([p.grad is not None for p in parameters], dtype=first.dtype, device=first.device)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * weight
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float64, device=first.device)
+        # Summed in float64, rounded once at the end: the float32 sum differs from one process's by less.
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() * weight
                           for p in parameters] + [present])
         self._call(dist.all_reduce, flat)
         offset = 0
@@ -141,7 +147,7 @@ class Ranks:
             if anywhere == 0:
                 p.grad = None
             elif p.grad is None:
-                p.grad = values.clone()
+                p.grad = values.to(p.dtype)
             else:
                 p.grad.copy_(values)
 
@@ -175,45 +181,75 @@ class Ranks:
 
     # -- BatchNorm running statistics ----------------------------------------------------------
 
-    def merge_running_statistics(self, module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-        """BatchNorm running statistics as one process running every rank's tasks in rank order.
+    def merge_buffers(self, module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+        """``module``'s buffers after a meta-step split across ranks, as one process running every
+        rank's tasks in rank order would leave them.
 
-        Each training pass folds ``r <- (1 - m) r + m s``, and ``s`` (the batch's statistics) does
-        not depend on ``r``, so a rank that made ``k`` passes from ``r0`` ends at
-        ``R = (1 - m)^k r0 + C``. Gathering every rank's ``R`` and ``k``, the sequential result is
-        ``G <- (1 - m)^k G + C`` over the ranks in order, from ``G = r0``. ``k`` is the change of the
-        layer's pass counter (``num_batches_tracked``, or per statistics row when the layer keeps one:
-        ``row_passes``); ``before`` holds the buffers as :func:`running_state` read them.
+        BatchNorm running statistics exactly: each training pass folds ``r <- (1 - m) r + m s``, and
+        ``s`` (the batch's statistics) does not depend on ``r``, so a rank that made ``k`` passes from
+        ``r0`` ends at ``R = (1 - m)^k r0 + C``. Gathering every rank's ``R`` and ``k``, the sequential
+        result is ``G <- (1 - m)^k G + C`` over the ranks in order, from ``G = r0``. ``k`` is the change
+        of the layer's pass counter (``num_batches_tracked``, or per statistics row when the layer keeps
+        one: ``row_passes``); ``before`` holds the buffers as :func:`buffer_state` read them.
+
+        Any other buffer (a state carried from task to task, such as Reptile's inner Adam moments) cannot
+        be split: every rank carried it through its own tasks from the same start, and the last rank's,
+        which ran the meta-batch's last tasks, is kept everywhere. Such a run is close to, not exactly,
+        the one-process run; a warning says so once.
         """
-        if not self.active:
+        if not self.active or not before:
             return
         layers = running_layers(module)
-        if not layers:
-            return
-        after = running_state(module)
+        after = buffer_state(module)
+        statistics = [name for name in after if name in running_names(layers)]
+        others = [name for name in after if name not in statistics]
+        with torch.no_grad():
+            if statistics:
+                self._merge_statistics(layers, before, {name: after[name] for name in statistics})
+            if others:
+                changed = torch.tensor([float(any(not torch.equal(after[n], before[n]) for n in others))],
+                                       device=after[others[0]].device)
+                self._call(dist.all_reduce, changed)
+                if changed.item():
+                    global _WARNED_CARRIED
+                    if not _WARNED_CARRIED:
+                        log.warning("the meta-step changed buffers that are not BatchNorm statistics (%s): a state "
+                                    "carried from task to task cannot be split across ranks; the last rank's is "
+                                    "kept, so this run is close to, not exactly, the one-process run",
+                                    ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
+                        _WARNED_CARRIED = True
+                    buffers = dict(module.named_buffers())
+                    flat = torch.cat([buffers[n].reshape(-1).double() for n in others])
+                    self._call(dist.broadcast, flat, self.world_size - 1)
+                    offset = 0
+                    for n in others:
+                        buffers[n].copy_(flat[offset:offset + buffers[n].numel()].view_as(buffers[n]))
+                        offset += buffers[n].numel()
+
+    def _merge_statistics(self, layers: list[tuple[str, nn.modules.batchnorm._BatchNorm]],
+                          before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
         local = torch.cat([after[name].reshape(-1).double() for name in after])
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         self._call(dist.all_gather, gathered, local)
         per_rank = [dict(zip(after, rank_flat.split([after[n].numel() for n in after]), strict=True))
                     for rank_flat in gathered]
-        with torch.no_grad():
-            for prefix, bn in layers:
-                counter = f"{prefix}row_passes" if f"{prefix}row_passes" in after else f"{prefix}num_batches_tracked"
-                rows = after[counter].numel()
-                counts = [values[counter] - before[counter].reshape(-1).double() for values in per_rank]  # [rows] each
-                for name in ("running_mean", "running_var"):
-                    key = f"{prefix}{name}"
-                    start = before[key].double().reshape(rows, -1)
-                    merged = start.clone()
-                    for values, count in zip(per_rank, counts, strict=True):
-                        decay = (1.0 - bn.momentum) ** count.unsqueeze(1)  # [rows, 1]
-                        merged = decay * merged + (values[key].reshape(rows, -1) - decay * start)
-                    getattr(bn, name).copy_(merged.reshape(getattr(bn, name).shape).to(getattr(bn, name).dtype))
-                total = sum(counts) + before[counter].reshape(-1).double()
-                if f"{prefix}row_passes" in after:
-                    bn.row_passes.copy_(total.to(bn.row_passes.dtype))
-                    total = sum(c.sum() for c in counts) + before[f"{prefix}num_batches_tracked"].double()
-                bn.num_batches_tracked.copy_(total.reshape(()).to(bn.num_batches_tracked.dtype))
+        for prefix, bn in layers:
+            counter = f"{prefix}row_passes" if f"{prefix}row_passes" in after else f"{prefix}num_batches_tracked"
+            rows = after[counter].numel()
+            counts = [values[counter] - before[counter].reshape(-1).double() for values in per_rank]  # [rows] each
+            for name in ("running_mean", "running_var"):
+                key = f"{prefix}{name}"
+                start = before[key].double().reshape(rows, -1)
+                merged = start.clone()
+                for values, count in zip(per_rank, counts, strict=True):
+                    decay = (1.0 - bn.momentum) ** count.unsqueeze(1)  # [rows, 1]
+                    merged = decay * merged + (values[key].reshape(rows, -1) - decay * start)
+                getattr(bn, name).copy_(merged.reshape(getattr(bn, name).shape).to(getattr(bn, name).dtype))
+            total = sum(counts) + before[counter].reshape(-1).double()
+            if f"{prefix}row_passes" in after:
+                bn.row_passes.copy_(total.to(bn.row_passes.dtype))
+                total = sum(c.sum() for c in counts) + before[f"{prefix}num_batches_tracked"].double()
+            bn.num_batches_tracked.copy_(total.reshape(()).to(bn.num_batches_tracked.dtype))
 
     # -- failures ----------------------------------------------------------------------------
 
@@ -266,15 +302,15 @@ def running_layers(module: nn.Module) -> list[tuple[str, nn.modules.batchnorm._B
     return layers
 
 
-def running_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the running statistics and pass counters of ``module``'s BatchNorm layers, by name."""
-    state = {}
-    for prefix, bn in running_layers(module):
-        for name in ("running_mean", "running_var", "num_batches_tracked", "row_passes"):
-            value = getattr(bn, name, None)
-            if isinstance(value, torch.Tensor):
-                state[f"{prefix}{name}"] = value.detach().clone()
-    return state
+def running_names(layers: list[tuple[str, nn.modules.batchnorm._BatchNorm]]) -> set[str]:
+    """The buffer names of the running statistics and pass counters of ``layers``."""
+    return {f"{prefix}{name}" for prefix, _ in layers
+            for name in ("running_mean", "running_var", "num_batches_tracked", "row_passes")}
+
+
+def buffer_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``module``'s buffers, by name (what :meth:`Ranks.merge_buffers` starts from)."""
+    return {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
 
 
 # -- joining the group ---------------------------------------------------------------------------

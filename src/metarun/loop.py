@@ -35,6 +35,7 @@ from metarun.objectives import Objective, TaskResult
 from metarun.statistics import TaskScores, final_values
 from metarun.tasks.device import sample_tasks
 from metarun.tasks.sampling import FixedTasks, Sampler
+from metarun.tasks.types import with_seeds
 from metarun.tracking import Tracker, final_line
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,9 @@ def meta_train(
     try:  # the progress bar must stop even when training stops with an error
         while state.iteration < iterations:
             algorithm.on_iteration(state.iteration, iterations)
-            tasks = sample_tasks(train_sampler, meta_batch_size)  # one draw from the device sampler, on every rank
+            # One draw from the device sampler, the same on every rank; each task gets its own seed for
+            # what adapting to it draws (its randomness then does not depend on where it runs).
+            tasks = with_seeds(sample_tasks(train_sampler, meta_batch_size), state.iteration)
             algorithm.train()
             try:
                 with update.shared(algorithm, tasks) as share:  # this rank's slice (one rank: all of them)

@@ -46,7 +46,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from metarun.distributed import SINGLE, Ranks, running_state
+from metarun.distributed import SINGLE, Ranks, buffer_state
 from metarun.errors import ConfigError, NonFiniteLossError
 from metarun.objectives import Objective, TaskResult
 from metarun.tasks.types import Task, TaskSplit
@@ -108,15 +108,15 @@ class MetaUpdate:
     def shared(self, algorithm: nn.Module, tasks: Sequence[Task]) -> Iterator[Sequence[Task]]:
         """This rank's slice of the meta-batch ``tasks`` (every rank drew the whole of it) for one
         meta-step; on exit the BatchNorm running statistics become those of one process running all
-        the slices in rank order (:meth:`Ranks.merge_running_statistics`). One rank: ``tasks`` itself."""
+        the slices in rank order (:meth:`Ranks.merge_buffers`). One rank: ``tasks`` itself."""
         if not self.ranks.active:
             yield tasks
             return
         local = tasks[self.ranks.share(len(tasks))]
         self.weight = len(local) / len(tasks)
-        before = running_state(algorithm)
+        before = buffer_state(algorithm)
         yield local
-        self.ranks.merge_running_statistics(algorithm, before)
+        self.ranks.merge_buffers(algorithm, before)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

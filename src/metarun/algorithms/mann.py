@@ -314,7 +314,7 @@ class MANN(Algorithm):
 
     def _train_episodes(self, tasks: Sequence[Task]) -> list[tuple[torch.Tensor, TaskResult]]:
         """Training episodes of tasks of one shape, read as one batch of sequences."""
-        generators = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()))) for _ in tasks]
+        generators = [task.support.generator() for task in tasks]  # each task's own order and labels
         with private_buffers(self, keep=True):  # BatchNorm statistics are learned here, task after task
             sequences = [self.feature_task(task).sequence(g, query_last=False) for task, g in zip(tasks, generators,
                                                                                                    strict=True)]

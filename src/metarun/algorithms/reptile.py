@@ -195,21 +195,21 @@ class Reptile(Algorithm):
         """``theta <- theta + eps * mean_i(phi_i - theta)``; ``update`` lends its non-finite check and the
         mean over ranks (:meth:`MetaUpdate.average`), not its optimizer."""
         parameters = list(self.model.parameters())
-        totals = [torch.zeros_like(p) for p in parameters]  # sum_i phi_i
+        totals = [torch.zeros_like(p) for p in parameters]  # sum_i (phi_i - theta): small numbers, summed exactly
         losses, accuracies = [], []
         with torch.no_grad():
             for task in tasks:
                 with private_buffers(self, keep=True):  # running statistics are learned task after task
-                    *_, learner = self.adaptation(task.support, self.inner_steps, generator=None)
+                    *_, learner = self.adaptation(task.support, self.inner_steps, task.support.generator())
                     result = self.objective.result(learner(task.query.x), task.query)
-                for total, weight in zip(totals, learner.network.parameters(), strict=True):
-                    total.add_(weight)
+                for total, weight, parameter in zip(totals, learner.network.parameters(), parameters, strict=True):
+                    total.add_(weight - parameter)
                 losses.append(result.loss)
                 if result.accuracy is not None:
                     accuracies.append(result.accuracy)
             metrics = update.report(torch.stack(losses).mean(), torch.stack(accuracies).mean() if accuracies else None)
-            means = [total / len(tasks) for total in totals]  # mean_i phi_i over this rank's tasks
+            means = [total / len(tasks) for total in totals]  # mean_i (phi_i - theta) over this rank's tasks
             update.average(means)  # ... over the whole meta-batch when it is split across ranks
             for parameter, mean in zip(parameters, means, strict=True):
-                parameter.add_(mean - parameter, alpha=self.outer_step)
+                parameter.add_(mean, alpha=self.outer_step)
         return metrics

@@ -306,16 +306,16 @@ class SNAIL(Algorithm):
     def episode(self, support: TaskSplit) -> Episode:
         """The learner for ``support``: its episode's support order and label permutation."""
         if self.training and torch.is_grad_enabled():
-            seed = int(torch.randint(2**62, ()).item())  # CPU: no device sync
+            generator = support.generator()  # the task's own seed (CPU: no device sync)
         else:
-            seed = content_seed(support.x)
+            generator = torch.Generator().manual_seed(content_seed(support.x))
         # Name the classes by their first appearance in the support before the episode's random
         # permutation: the shown labels then depend on which samples share a class, not on the task's
         # class names (in training the random permutation makes this a no-op in distribution).
         rank = first_appearance(support.y, support.ways)  # task class -> canonical label
         canonical = TaskSplit(support.x, rank[support.y], support.ways)
         empty = TaskSplit(support.x[:0], support.y[:0], support.ways)
-        sequence = Task(canonical, empty).sequence(torch.Generator().manual_seed(seed), query_last=True)
+        sequence = Task(canonical, empty).sequence(generator, query_last=True)
         return Episode(self.features, self.model, sequence.x, sequence.y, sequence.permutation[rank], self.labels)
 
     def trajectory(self, support: TaskSplit, steps: int) -> Iterator[nn.Module]:

@@ -15,6 +15,8 @@ and the algorithms can all import it without a cycle. A learner's result (``Task
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,11 +34,22 @@ class TaskSplit:
             may have different ways (``train_ways``), and a label tensor alone cannot tell a
             class that is absent from one that does not exist. A regression task is one
             function, and has ``ways = 1``.
+        seed: the seed of the randomness of adapting to this split in meta-training (an episode's
+            order and labels, Reptile's mini-batches), which the loop gives every task of a
+            meta-batch (:func:`with_seeds`); None: drawn from torch's global RNG.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     ways: int
+    seed: int | None = None
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator for the randomness of adapting to this split, seeded by :attr:`seed` (so a
+        task's draws do not depend on the tasks before it, nor on the rank that runs it), or by a
+        draw from torch's global RNG when it has none."""
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()))
+        return torch.Generator().manual_seed(seed)
 
 
 @dataclass
@@ -106,6 +119,7 @@ class TaskBatch(Sequence[Task]):
         query_x: ``[T, n_q, ...]`` query inputs.
         query_y: ``[T, n_q]`` labels (or ``[T, n_q, dim]`` targets).
         ways: classes of every task.
+        seeds: every task's :attr:`TaskSplit.seed` (its support's), or None.
     """
 
     support_x: torch.Tensor
@@ -113,15 +127,18 @@ class TaskBatch(Sequence[Task]):
     query_x: torch.Tensor
     query_y: torch.Tensor
     ways: int
+    seeds: list[int] | None = None
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
     def __getitem__(self, index):  # type: ignore[override]
+        seeds = self.seeds
         if isinstance(index, slice):
             return TaskBatch(self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index],
-                             self.ways)
-        return Task(support=TaskSplit(self.support_x[index], self.support_y[index], self.ways),
+                             self.ways, None if seeds is None else seeds[index])
+        return Task(support=TaskSplit(self.support_x[index], self.support_y[index], self.ways,
+                                      None if seeds is None else seeds[index]),
                     query=TaskSplit(self.query_x[index], self.query_y[index], self.ways))
 
     def __iter__(self) -> Iterator[Task]:
@@ -150,6 +167,23 @@ class TaskBatch(Sequence[Task]):
         The tasks must be :meth:`stackable`."""
         if isinstance(tasks, TaskBatch):
             return tasks
+        seeds = [t.support.seed for t in tasks]
         return cls(torch.stack([t.support.x for t in tasks]), torch.stack([t.support.y for t in tasks]),
                    torch.stack([t.query.x for t in tasks]), torch.stack([t.query.y for t in tasks]),
-                   tasks[0].support.ways)
+                   tasks[0].support.ways, None if None in seeds else seeds)
+
+
+def with_seeds(tasks: Sequence[Task], iteration: int) -> Sequence[Task]:
+    """``tasks`` (a meta-batch), each with its own :attr:`TaskSplit.seed` on its support: a hash of
+    torch's CPU RNG state, ``iteration`` and the task's place in the meta-batch. Nothing is drawn, so
+    the run's random stream is unchanged; a resumed run (its RNG state restored) gets the same seeds;
+    and every rank of a distributed run, which drew the same meta-batch, gives every task the same seed
+    whichever rank runs it."""
+    base = hashlib.blake2b(torch.get_rng_state().numpy().tobytes() + iteration.to_bytes(8, "little"),
+                           digest_size=8).digest()
+    seeds = [int.from_bytes(hashlib.blake2b(base + index.to_bytes(8, "little"), digest_size=8).digest(), "little")
+             >> 2 for index in range(len(tasks))]
+    if isinstance(tasks, TaskBatch):
+        return dataclasses.replace(tasks, seeds=seeds)
+    return [Task(dataclasses.replace(task.support, seed=seed), task.query) for task, seed in zip(tasks, seeds,
+                                                                                                 strict=True)]
