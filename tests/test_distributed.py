@@ -237,3 +237,18 @@ def test_one_rank_is_todays_run(tmp_path: Path, one_process: Path) -> None:
     two = json.loads((tmp_path / "run" / "results.json").read_text())
     assert comparable(one) == comparable(two)
     assert two["distributed"]["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_the_slurm_preset_runs_one_job_on_two_tasks(tmp_path: Path, one_process: Path) -> None:
+    """hydra/launcher=slurm_local (the slurm preset's handling, on submitit's local executor) with
+    tasks_per_node=2: the job's two tasks are its two ranks, and it gives the one-process results."""
+    done = metarun("-m", "hydra/launcher=slurm_local", "hydra.launcher.tasks_per_node=2", *RUN,
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = list((tmp_path / "sweep").glob("*/results.json"))
+    two = json.loads(results.read_text())
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo", "devices": ["cpu", "cpu"]}
+    one = json.loads((one_process / "results.json").read_text())
+    assert_close(comparable(one), comparable(two), 1e-5)
+    assert (results.parent / "metarun.log").read_text().count("Job completed") == 1  # rank 0's line alone
