@@ -131,7 +131,9 @@ def load_omniglot(
     * ``split="alphabets"`` (Koch et al. 2015): by alphabet. The 20 evaluation alphabets are the
       test split; the 30 background alphabets are shuffled with ``split_seed`` and
       ``val_alphabets`` of them (Koch: 10) become the validation split, the rest train.
-      Rotations, if on, are added per split as for ``maml``.
+      Rotations, if on, are added per split as for ``maml``. The Omniglot challenge's one-shot
+      protocol (Lake et al. 2015, 2019) is this split with ``rotations="train"`` and
+      ``within_group="eval"``: ``conf/dataset/omniglot_challenge.yaml`` holds its values.
 
     ``rotations`` may name the splits that get rotated classes: ``"train"`` (or ``["train"]``)
     trains on rotated characters and validates and tests on unrotated ones; ``True``/``"all"``
