@@ -66,6 +66,8 @@ def test_run_writes_results_metrics_plot_and_checkpoints(compose_cfg, tmp_path):
     assert 0.0 <= results["test/acc_mean"] <= 1.0 and results["test/acc_ci95"] > 0
     assert len(results["curves"]["test"]["acc_mean"]) == 3  # steps 0, 1, 2
     assert results["test/acc_mean"] == results["curves"]["test"]["acc_mean"][-1]
+    assert results["test/error_mean"] == 1.0 - results["test/acc_mean"]  # the Omniglot challenge's error rate
+    assert results["test/error_ci95"] == results["test/acc_ci95"]
     assert results["config"]["iterations"] == 3
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in records if "train/loss" in r] == [1, 2, 3]

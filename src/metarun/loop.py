@@ -134,11 +134,15 @@ def report(tracker: Tracker, results: dict[str, Any], split: str, console: bool)
     The trackers get the curves of ``results["curves"]`` (``metrics.jsonl``, ``adaptation.png``,
     the console's per-step table, W&B); ``results`` gains the flat keys of ``split``'s curves
     (``test/acc_mean``, ``test/acc_ci95``, ... ``test/mse_*`` for regression,
-    ``test/acc_instance_2_mean``, ...) and goes to ``results.json`` and the trackers' summaries.
+    ``test/acc_instance_2_mean``, ...), and for classification the error rate ``test/error_mean`` (1 - accuracy,
+    with the accuracy's CI), and goes to ``results.json`` and the trackers' summaries.
     Quiet commands (``console`` off: no table) still end with the result and where it is on stdout.
     """
     tracker.log_adaptation(results["curves"])
     results.update(final_values(split, results["curves"][split]))
+    if f"{split}/acc_mean" in results:  # the error rate, as the Omniglot challenge (Lake et al.) reports it
+        results[f"{split}/error_mean"] = 1.0 - results[f"{split}/acc_mean"]
+        results[f"{split}/error_ci95"] = results[f"{split}/acc_ci95"]
     tracker.finish(results)
     if not console:
         print(final_line(results), flush=True)

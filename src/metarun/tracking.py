@@ -397,8 +397,8 @@ class ConsoleTracker(Tracker):
 
 
 def result_line(results: dict[str, Any]) -> str:
-    """How a run (or an evaluation) ended, in one line: ``test accuracy: 97.10 ± 0.52% (600 tasks,
-    3 steps, best val at iteration 4000)``.
+    """How a run (or an evaluation) ended, in one line: ``test accuracy: 97.10 ± 0.52% (error 2.90%) (600
+    tasks, 3 steps, best val at iteration 4000)``.
 
     ``results`` is what :meth:`Tracker.finish` receives; an evaluation's results name their
     ``split`` (``test`` when absent) and the ``model`` they scored (the best validation iteration
@@ -407,7 +407,8 @@ def result_line(results: dict[str, Any]) -> str:
     split = results.get("split", "test")
     metric = curve_metric(results["curves"])
     mean, ci = results[f"{split}/{metric}_mean"], results[f"{split}/{metric}_ci95"]
-    shown = f"{100 * mean:.2f} ± {100 * ci:.2f}%" if metric == "acc" else f"{mean:.4g} ± {ci:.2g}"
+    shown = f"{100 * mean:.2f} ± {100 * ci:.2f}% (error {100 * (1 - mean):.2f}%)" if metric == "acc" \
+        else f"{mean:.4g} ± {ci:.2g}"
     model = results.get("model") or f"best val at iteration {results['best_iteration']}"
     return (f"{split} {metric_label(metric)}: {shown} ({results['eval_tasks']} tasks, {results['eval_inner_steps']} "
             f"steps, {model})")
