@@ -252,3 +252,23 @@ def test_the_slurm_preset_runs_one_job_on_two_tasks(tmp_path: Path, one_process:
     one = json.loads((one_process / "results.json").read_text())
     assert_close(comparable(one), comparable(two), 1e-5)
     assert (results.parent / "metarun.log").read_text().count("Job completed") == 1  # rank 0's line alone
+
+
+def test_the_wandb_config_records_the_ranks_and_only_rank_0_tracks(compose_cfg, tmp_path, monkeypatch) -> None:
+    import wandb
+
+    from metarun.build import build_tracker
+    from metarun.distributed import Ranks
+    from metarun.tracking import Trackers
+    from test_tracking import FakeRun
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeRun(**kw)) or runs[-1])
+    cfg = compose_cfg("wandb.mode=offline")
+    rank_0 = Ranks(rank=0, world_size=2, devices=["cuda:0", "cuda:1"])
+    build_tracker(cfg, tmp_path / "a", {}, rank_0)
+    assert runs[0].init_kwargs["config"]["distributed"] == {"world_size": 2, "backend": "nccl",
+                                                             "devices": ["cuda:0", "cuda:1"]}
+    silent = build_tracker(cfg, tmp_path / "b", {}, Ranks(rank=1, world_size=2, devices=["cpu", "cpu"]))
+    assert isinstance(silent, Trackers) and silent.trackers == [] and len(runs) == 1
+    assert not (tmp_path / "b").exists()

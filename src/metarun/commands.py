@@ -10,7 +10,14 @@ import sys
 from collections.abc import Iterator
 
 from metarun.config import config_dir
-from metarun.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError, OutputExistsError, RankFailure
+from metarun.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    NonFiniteLossError,
+    OutputExistsError,
+    RankFailure,
+)
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputExistsError, RankFailure)
 

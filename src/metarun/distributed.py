@@ -30,14 +30,13 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import logging
 
 import torch
 import torch.distributed as dist
