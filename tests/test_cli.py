@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF, run_cli, tiny
+from conftest import CONF, fingerprint, one_line_error, run_cli, tiny
 
 
 def test_single_run_prints_per_step_table_and_writes_outputs(tmp_path):
@@ -198,3 +198,34 @@ def test_an_algorithm_built_with_wrong_arguments_is_one_line_naming_the_argument
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("metarun: error: ") and expected in lines[0], proc.stderr
     assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["~algorithm"], "~algorithm: every run needs algorithm; choose one (algorithm=NAME"),
+    (["algorithm=null"], "algorithm=null: every run needs algorithm; choose one"),
+    (["~dataset"], "~dataset: every run needs dataset; choose one (dataset=NAME"),
+    (["optimizer=null"], "optimizer=null: every run needs optimizer"),
+    (["~ways"], "~ways: every run needs ways; set it instead (ways=VALUE)"),
+    (["~eval"], "~eval: every run needs eval"),
+    (["-m", "~algorithm", "seed=0,1"], "~algorithm: every run needs algorithm"),
+], ids=["del-algorithm", "algorithm-null", "del-dataset", "optimizer-null", "del-ways", "del-eval", "multirun"])
+def test_removing_what_every_run_needs_is_one_line_and_writes_nothing(tmp_path, overrides, expected):
+    """A group or setting every run needs, removed (issue 21: a traceback or Hydra's interpolation error before);
+    the optional groups (backbone, scheduler, augment) may still be removed (``~backbone`` above)."""
+    out = tmp_path / "run"
+    proc = run_cli(*tiny(*overrides, f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"), cwd=tmp_path)
+    one_line_error(proc, expected)
+    assert fingerprint(tmp_path) == {}
+
+
+def test_more_top_k_than_validations_is_one_warning_at_start(tmp_path):
+    """eval.top_k=5 with 2 validations (iterations=2, eval_every=1): the run warns once, before training, and
+    tests the ensemble of the 2 it has."""
+    out = tmp_path / "run"
+    proc = run_cli(*tiny("eval.top_k=5", f"hydra.run.dir={out}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "eval.top_k=5" in line]
+    assert len(warned) == 1 and "[WARNING]" in warned[0], proc.stdout + proc.stderr
+    assert "validate 2 times: the tested ensemble holds 2 models" in warned[0]
+    assert "Traceback" not in proc.stderr
+    assert len(json.loads((out / "results.json").read_text())["tested_iterations"]) == 2

@@ -233,3 +233,21 @@ def test_backbone_and_dataset_values_are_declared_once(target):
             assert parameter.default is inspect.Parameter.empty, f"{target}.{pname} has a Python default as well"
         for name in setting:
             assert configs[name][pname] != parameter.default, f"{name} restates {target}'s default {pname}"
+
+
+@pytest.mark.parametrize("iterations,eval_every,validations", [(10, 5, 2), (11, 5, 3), (1, 50, 1), (300, 50, 6)])
+def test_top_k_beyond_the_validations_a_run_makes_warns_once(compose_cfg, caplog, iterations, eval_every,
+                                                             validations):
+    """A run validates every eval_every iterations and after the last (metarun.loop.meta_train): top_k up to
+    that many is quiet, one more is one warning line (not an error: the ensemble holds fewer models)."""
+    assert config.validations(iterations, eval_every) == validations
+    for top_k, warns in ((validations, 0), (validations + 1, 1)):
+        caplog.clear()
+        cfg = compose_cfg(f"iterations={iterations}", f"eval_every={eval_every}", f"eval.top_k={top_k}")
+        with caplog.at_level("WARNING", logger="metarun.config"):
+            config.validate(cfg)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == warns, warnings
+        if warns:
+            assert "\n" not in warnings[0] and f"eval.top_k={top_k}" in warnings[0]
+            assert f"validate {validations} time" in warnings[0]

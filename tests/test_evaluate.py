@@ -58,6 +58,20 @@ def save_untrained_run(cfg, run_dir: Path) -> None:
     save_model(run_dir / "checkpoints" / "best.pt", algorithm, 0)
 
 
+def edit_saved_config(run_dir: Path, edit) -> None:
+    """``edit(cfg)`` applied to the run's saved configs: ``.hydra/config.yaml`` and the one saved with the
+    weights in ``checkpoints/last.pt`` (which metarun-eval reads first)."""
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    edit(saved)
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    last = checkpoint.last_file(checkpoint.folder(run_dir))
+    state = checkpoint.safe_load(last)
+    saved = OmegaConf.create(state["config"])
+    edit(saved)
+    state["config"] = OmegaConf.to_container(saved)
+    torch.save(state, last)
+
+
 def call(capsys, *args: object) -> tuple[int, str, str]:
     """``metarun-eval ARGS`` in this process: exit status, stdout, stderr."""
     try:
@@ -107,7 +121,7 @@ def test_the_command_reproduces_the_runs_own_test_numbers_exactly(run_dir):
     assert again["curves"]["test"] == run["curves"]["test"]  # every step's mean and CI, bit for bit
     assert again["test/acc_mean"] == run["test/acc_mean"] and again["test/acc_ci95"] == run["test/acc_ci95"]
     assert again["checkpoint_iterations"] == [run["best_iteration"]] and again["eval_tasks"] == 4
-    assert again["config_source"].endswith(".hydra/config.yaml")
+    assert again["config_source"].endswith("checkpoints/last.pt")  # the config saved with the weights
     final = proc.stdout.strip().splitlines()[-1]
     assert final.startswith(f"test accuracy: {100 * run['test/acc_mean']:.2f} ± ") and "best.pt" in final
     for name in ("metrics.jsonl", "adaptation.png", "tasks.jsonl"):
@@ -115,6 +129,23 @@ def test_the_command_reproduces_the_runs_own_test_numbers_exactly(run_dir):
     assert len(tasks_of(run_dir, "best-test")) == 4
     after = fingerprint(run_dir)
     assert {k: v for k, v in after.items() if k.split("/")[0] != "eval"} == before  # the run's files untouched
+
+
+def test_the_config_saved_with_the_checkpoint_wins_over_a_rewritten_hydra_config(run_dir, compose_cfg, capsys):
+    """.hydra/config.yaml replaced by another algorithm's config (a job directory reused, a file copied over):
+    the run is still scored with the config its checkpoint was trained with, and gives its own numbers."""
+    other = compose_cfg("algorithm=protonet")
+    OmegaConf.save(other, run_dir / ".hydra" / "config.yaml")
+    code, _, err = call(capsys, run_dir)
+    assert code == 0, err
+    again = results_of(run_dir, "best-test")
+    assert again["config_source"].endswith("checkpoints/last.pt")
+    assert again["config"]["algorithm"]["_target_"] == "metarun.algorithms.maml.MAML"
+    assert again["curves"]["test"] == results_of(run_dir)["curves"]["test"]
+    # Without last.pt (a run stopped before its first checkpoint, say) the next saved config is read.
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    code, _, err = call(capsys, run_dir, "--name", "without-last")
+    assert code == 2 and "best.pt does not fit the model the config builds" in err, err
 
 
 def test_the_val_split_reproduces_the_runs_validation_curve(run_dir, capsys):
@@ -125,8 +156,8 @@ def test_the_val_split_reproduces_the_runs_validation_curve(run_dir, capsys):
 
 
 def test_the_top_k_ensemble_is_reproduced_from_a_run_without_hydra_files(compose_cfg, tmp_path, capsys):
-    """A run made in-process (no .hydra/): the config comes from results.json, and the default
-    checkpoint is what the run tested, the ensemble of its top 2."""
+    """A run made in-process (no .hydra/): the config comes from last.pt, and the default checkpoint is
+    what the run tested, the ensemble of its top 2."""
     from metarun.loop import run
 
     out = tmp_path / "run"
@@ -134,7 +165,7 @@ def test_the_top_k_ensemble_is_reproduced_from_a_run_without_hydra_files(compose
     code, _, err = call(capsys, out)
     assert code == 0, err
     again, original = results_of(out, "top-test"), results_of(out)
-    assert again["checkpoint"] == "top" and again["config_source"].endswith("results.json")
+    assert again["checkpoint"] == "top" and again["config_source"].endswith("checkpoints/last.pt")
     assert again["checkpoint_iterations"] == original["tested_iterations"]
     assert again["curves"]["test"] == original["curves"]["test"]
 
@@ -142,10 +173,11 @@ def test_the_top_k_ensemble_is_reproduced_from_a_run_without_hydra_files(compose
 def test_settings_newer_than_the_run_take_todays_defaults(run_dir, capsys, caplog):
     """A run saved by an older metarun lacks the keys added since, at the top level and in its
     groups' options: they take conf/'s defaults (logged), and the saved values stay."""
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    del saved.eval["top_k"]
-    del saved.algorithm["eval_inner_steps"]  # both as conf/ has them: the run's numbers come out again
-    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    def older(saved):
+        del saved.eval["top_k"]
+        del saved.algorithm["eval_inner_steps"]  # both as conf/ has them: the run's numbers come out again
+
+    edit_saved_config(run_dir, older)
     with caplog.at_level("INFO", logger="metarun.evaluate"):
         code, _, err = call(capsys, run_dir)
     assert code == 0, err
@@ -207,16 +239,13 @@ def test_the_eval_is_a_wandb_job_of_type_eval_in_the_runs_group(run_dir, capsys,
         raise RuntimeError("no W&B in tests")  # the tracker logs it and carries on
 
     monkeypatch.setattr(wandb, "init", init)
-    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    saved.wandb.group = "my-study"
-    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    edit_saved_config(run_dir, lambda saved: OmegaConf.update(saved, "wandb.group", "my-study"))
     code, _, err = call(capsys, run_dir, "wandb.mode=offline")
     assert code == 0, err
     assert seen[0]["job_type"] == "eval" and seen[0]["group"] == "my-study" and seen[0]["mode"] == "offline"
     assert "eval" in seen[0]["tags"] and "checkpoint=best" in seen[0]["tags"]
     # A sweep's job with no group of its own: the sweep's group, as the metarun command names it.
-    saved.wandb.group = None
-    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    edit_saved_config(run_dir, lambda saved: OmegaConf.update(saved, "wandb.group", None))
     hydra_yaml = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
     hydra_yaml.hydra.mode = "MULTIRUN"
     OmegaConf.save(hydra_yaml, run_dir / ".hydra" / "hydra.yaml")
@@ -341,7 +370,8 @@ def existing_eval(run_dir: Path, tmp_path: Path) -> list:
      + "1" + "0" * 30 + ")"),
     (lambda run, tmp: ["--name", "n" * 300], "--name is 300 bytes long; a folder name has at most 255"),
     (lambda run, tmp: ["algorithm.inner_lr=nan"], "algorithm.inner_lr must be a finite number, got nan"),
-    (lambda run, tmp: (run / ".hydra" / "config.yaml").write_text("- 1\n- 2\n") and [],
+    (lambda run, tmp: (run / "checkpoints" / "last.pt").unlink() or  # no last.pt: .hydra/'s config is read
+     (run / ".hydra" / "config.yaml").write_text("- 1\n- 2\n") and [],
      "/.hydra/config.yaml is a list, not a mapping of settings"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(run_dir, tmp_path, capsys, prepare, message):

@@ -55,6 +55,39 @@ def test_resume_auto_into_a_finished_run_exits_0_and_leaves_every_byte(finished,
     assert fingerprint(finished) == before
 
 
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory) -> Path:
+    """A finished two-job multirun (seed=0,1) in a fixed hydra.sweep.dir."""
+    sweep = tmp_path_factory.mktemp("finished-sweep") / "sweep"
+    proc = run_cli("-m", *tiny("seed=0,1", f"hydra.sweep.dir={sweep}"), cwd=sweep.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(sweep.glob("*/results.json"))) == 2
+    return sweep
+
+
+@pytest.mark.parametrize("first_job_gone", [False, True], ids=["same-sweep", "second-job"])
+def test_a_multirun_into_finished_jobs_is_refused_before_hydra_writes_anything(finished_sweep, tmp_path,
+                                                                             first_job_gone):
+    """The job directories Hydra's sweeper will make are computed up front: the first that holds a finished run
+    is named, and neither multirun.yaml nor any job's .hydra/ is rewritten (they used to be, before each job
+    refused itself); a job before it does not run either (with job 0's directory gone, it is not made again)."""
+    sweep = Path(shutil.copytree(finished_sweep, tmp_path / "sweep"))
+    if first_job_gone:
+        shutil.rmtree(next(sweep.glob("0_*")))
+    before = fingerprint(sweep)
+    proc = run_cli("-m", *tiny("seed=0,1", f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
+    one_line_error(proc, "job 1 (seed=1)" if first_job_gone else "job 0 (seed=0)",
+                   "already holds a finished run (results.json); choose another hydra.sweep.dir")
+    assert fingerprint(sweep) == before
+
+
+def test_resume_auto_reruns_a_finished_sweep_as_nothing_to_do(finished_sweep, tmp_path):
+    results = {p: p.read_bytes() for p in finished_sweep.glob("*/results.json")}
+    proc = run_cli("-m", *tiny("seed=0,1", "resume=auto", f"hydra.sweep.dir={finished_sweep}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {p: p.read_bytes() for p in finished_sweep.glob("*/results.json")} == results
+
+
 def test_resume_continues_an_interrupted_run_in_place(interrupted, tmp_path):
     proc = run_cli(*tiny("iterations=3", f"resume={interrupted}", f"hydra.run.dir={interrupted}"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from conftest import CONF, run_cli, tiny
+from conftest import CONF, fingerprint, one_line_error, run_cli, tiny
 from metarun.loop import run
 
 
@@ -57,6 +57,39 @@ def test_a_sweepers_interval_on_the_command_line_passes_the_argument_check():
     check_arguments(["algorithm.inner_lr=tag(log, interval(0.01, 1.0))", "optimizer.lr=interval(0.0001, 0.01)"])
     with pytest.raises(SystemExit):  # the other options are still checked
         check_arguments(["algorithm.inner_lr=interval(0.01, 1.0)", "algorithm=protonet", "algorithm.nope=1"])
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["hydra/sweeper=optuna_lr", "hydra.sweeper.storage=sqlite:///{tmp}"],
+     "hydra.sweeper.storage=sqlite:///{tmp}: {tmp} is a directory, and the study is an SQLite file; use sqlite:///"),
+    (["hydra/sweeper=optuna_lr", "hydra.sweeper.storage={tmp}"], "hydra.sweeper.storage={tmp} is not a database URL"),
+    (["hydra/sweeper=optuna_lr", "hydra.sweeper.storage=sqlite//optuna.db"], "is not a database URL; use sqlite:///"),
+    (["hydra/sweeper=optuna_lr", "hydra.sweeper.storage=sqlite:///{tmp}/no/optuna.db"],
+     "the folder {tmp}/no does not exist"),
+    (["hydra/sweeper=optuna_lr", "hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be >= 1"),
+    (["hydra/sweeper=optuna_lr", "hydra.sweeper.n_jobs=-2"], "hydra.sweeper.n_jobs must be >= 1"),
+    (["hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be >= 1"),
+    (["hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=0", "seed=0,1"], "hydra.launcher.n_jobs=0 runs no job"),
+], ids=["storage-dir-url", "storage-dir", "storage-malformed", "storage-no-folder", "sweeper-n_jobs-0",
+        "sweeper-n_jobs-negative", "n_trials-0", "launcher-n_jobs-0"])
+def test_bad_sweep_settings_are_one_line_before_hydra_writes_anything(tmp_path, overrides, expected):
+    """Each of these used to end in an 18- to 122-line traceback from the sweeper or the launcher, after Hydra
+    had made the sweep directory (issue 21)."""
+    tmp = tmp_path.resolve()
+    proc = run_cli("-m", *[o.format(tmp=tmp) for o in overrides], *tiny(f"hydra.sweep.dir={tmp / 'sweep'}"),
+                   cwd=tmp)
+    one_line_error(proc, expected.format(tmp=tmp))
+    assert fingerprint(tmp) == {}  # no sweep directory, no study file
+
+
+def test_sweep_settings_are_checked_only_for_a_multirun(tmp_path):
+    """A single run uses no sweeper: its settings do not stop it."""
+    from metarun.cli import check_arguments
+
+    check_arguments(["hydra/sweeper=optuna_lr", "hydra.sweeper.n_jobs=0", f"hydra.sweeper.storage={tmp_path}"])
+    with pytest.raises(SystemExit):
+        check_arguments(["-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_jobs=0"])
+    check_arguments(["-m", "hydra/sweeper=optuna_lr", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}"])
 
 
 def test_device_and_resume_follow_the_environment_the_presets_set(monkeypatch):

@@ -6,9 +6,10 @@ Range checks that a type cannot express are in :func:`validate`.
 """
 
 import inspect
+import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from metarun.errors import ConfigError, one_line
+
+log = logging.getLogger(__name__)
 
 # Settings that say where things are and how the job runs, never what it computes (a key, or a
 # prefix ending in "."): a resumed run may change them, and they name neither an evaluation nor a
@@ -89,6 +92,13 @@ class RunConfig:
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def required_settings() -> tuple[str, ...]:
+    """The top-level settings every run needs: those of :class:`RunConfig` that cannot be None (a group
+    that is optional, ``backbone``, says so with its None)."""
+    return tuple(f.name for f in fields(RunConfig) if f.default is not None)
+
 
 RESUME_AUTO = "auto"  # resume=auto: the job's own checkpoints/last.pt if present
 
@@ -251,6 +261,22 @@ def check_scheduler(cfg: DictConfig) -> None:
         raise ConfigError(f"scheduler.total_iters must be >= 0, got {total_iters}")
 
 
+def validations(iterations: int, eval_every: int) -> int:
+    """How many times a run of ``iterations`` validates (and may keep a checkpoint): every ``eval_every``
+    iterations and after the last one (:func:`metarun.loop.meta_train`)."""
+    return -(-iterations // eval_every)
+
+
+def check_top_k(cfg: DictConfig) -> None:
+    """Warn (one line) when ``eval.top_k`` is more than the validations the run makes: not an error, the
+    tested ensemble then holds one model per validation."""
+    made = validations(cfg.iterations, cfg.eval_every)
+    if cfg.eval.top_k > made:
+        log.warning("eval.top_k=%d but iterations=%d with eval_every=%d validate %d time%s: the tested ensemble "
+                    "holds %d model%s; lower eval.top_k or eval_every to test %d", cfg.eval.top_k, cfg.iterations,
+                    cfg.eval_every, made, "" if made == 1 else "s", made, "" if made == 1 else "s", cfg.eval.top_k)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for values no run can use."""
     check_references(cfg)
@@ -285,6 +311,7 @@ def validate(cfg: DictConfig) -> None:
     if lr is not None and lr < 0:
         raise ConfigError(f"optimizer.lr must be >= 0, got {lr}")
     check_scheduler(cfg)
+    check_top_k(cfg)
     if cfg.resume is not None and not str(cfg.resume).strip():
         raise ConfigError("resume must be a run directory, a checkpoint file, auto or null, got an empty string")
     if cfg.sampler not in ("device", "learn2learn"):

@@ -1,8 +1,8 @@
 """A run's config rebuilt from its directory, for ``metarun-eval``.
 
-The config comes from ``RUN_DIR/.hydra/config.yaml`` (which Hydra writes into every job
-directory), else the ``config`` of ``results.json``, else of ``checkpoints/last.pt``, on the run
-schema. Settings that metarun gained after the run was saved take today's defaults from ``conf/``
+The config comes from ``RUN_DIR/checkpoints/last.pt`` (the config saved with the weights), else
+``RUN_DIR/.hydra/config.yaml`` (which Hydra writes into every job directory), else the ``config`` of
+``results.json``, on the run schema. Settings that metarun gained after the run was saved take today's defaults from ``conf/``
 (:func:`fill_new_settings`); Hydra-style overrides go on top (:func:`apply_overrides`); the training
 task shape stays the run's (:func:`eval_config`).
 """
@@ -31,13 +31,14 @@ TRAINING_SHAPE = ("train_ways", "train_shots", "train_query_shots")
 
 
 def read_saved_config(run_dir: Path) -> tuple[DictConfig, str]:
-    """The run's config and where it came from: ``.hydra/config.yaml`` (unresolved, as the run
-    composed it), else ``results.json``'s (resolved), else ``checkpoints/last.pt``'s (unresolved),
-    on the run schema (types checked, unknown keys refused)."""
+    """The run's config and where it came from: ``checkpoints/last.pt``'s (unresolved, saved with the
+    weights: the config that trained them, even when ``.hydra/`` was rewritten since or a resume changed
+    it; ``best.pt`` holds weights only), else ``.hydra/config.yaml`` (unresolved, as the run composed it),
+    else ``results.json``'s (resolved), on the run schema (types checked, unknown keys refused)."""
     sources: list[tuple[Path, Callable[[Path], Any]]] = [
+        (checkpoint.last_file(checkpoint.folder(run_dir)), lambda p: checkpoint.safe_load(p).get("config")),
         (run_dir / ".hydra" / "config.yaml", lambda p: OmegaConf.to_container(OmegaConf.load(p))),
         (run_dir / "results.json", lambda p: json.loads(p.read_text())["config"]),
-        (checkpoint.last_file(checkpoint.folder(run_dir)), lambda p: checkpoint.safe_load(p)["config"]),
     ]
     for path, read in sources:
         if not path.is_file():
