@@ -14,7 +14,7 @@ import torch
 
 from conftest import TINY, run_cli
 from metarun import table
-from metarun.loop import RunState, check_divergence
+from metarun.loop import RunState, check_divergence, check_test_divergence
 from metarun.statistics import TaskScores, divergence
 from metarun.tracking import Tracker, summary_values
 
@@ -76,6 +76,25 @@ def test_check_divergence_warns_once_and_keeps_the_worst(caplog):
     assert state.divergence == {"iteration": 4, "step": 2, "factor": 1000.0, "threshold": 100.0, "first_iteration": 2}
     assert tracker.logged == [({"val/divergence_factor": 500.0}, 2), ({"val/divergence_factor": 300.0}, 3),
                               ({"val/divergence_factor": 1000.0}, 4)]
+
+
+def test_one_test_task_that_blows_up_is_a_divergence_the_validation_missed(caplog):
+    """The sinusoid at 70 000 iterations (docs/fidelity.md): 599 test tasks adapt, one explodes to 1e32 after 10
+    steps; the mean over tasks says diverged, and results.json records it as the test's."""
+    tasks = [[3.0, 0.6, 0.35]] * 599 + [[8.3, 0.36, 1.1e32]]
+    state = RunState()
+    with caplog.at_level(logging.WARNING, logger="metarun.loop"):
+        check_test_divergence(scores(tasks), 100.0, state)
+    assert state.divergence["split"] == "test" and state.divergence["step"] == 2
+    assert state.divergence["factor"] > 1e28
+    assert [r.getMessage() for r in caplog.records][0].startswith("adaptation diverged on the test tasks")
+    quiet = RunState()
+    check_test_divergence(scores([[3.0, 0.6, 0.35]] * 600), 100.0, quiet)
+    check_test_divergence(scores(tasks), None, quiet)  # null: no check
+    assert quiet.divergence is None
+    earlier = RunState(divergence={"iteration": 4, "step": 2, "factor": 1000.0})
+    check_test_divergence(scores(tasks), 100.0, earlier)
+    assert earlier.divergence["iteration"] == 4  # the validation's record stays
 
 
 def test_wandb_summary_holds_the_divergence():

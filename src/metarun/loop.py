@@ -196,6 +196,23 @@ def check_divergence(val: TaskScores, threshold: float | None, state: RunState, 
                             "first_iteration": worst["first_iteration"] if worst else state.iteration}
 
 
+def check_test_divergence(test: TaskScores, threshold: float | None, state: RunState) -> None:
+    """The divergence guard on the tested model's test tasks: where the validation tasks did not show it (one
+    test task in 600 whose inner loop blows up makes the mean explode; docs/fidelity.md, the sinusoid), one
+    warning line, and ``state.divergence`` records it with ``split: test`` (``step``, ``factor``,
+    ``threshold``) for results.json. A run that diverged on validation keeps that record."""
+    found = test.divergence(threshold) if threshold is not None else None
+    if found is None:
+        return
+    step, factor = found
+    log.warning("adaptation diverged on the test tasks: the mean query loss after step %d is %.3g times its value at "
+                "step 0 (eval.divergence_factor=%g); results.json records it (diverged: true); look for the tasks "
+                "that blow up (scripts/fidelity/task_outliers.py) or lower algorithm.inner_lr", step, factor,
+                threshold)
+    if state.divergence is None:
+        state.divergence = {"split": "test", "step": step, "factor": factor, "threshold": threshold}
+
+
 def meta_train(
     algorithm: Algorithm,
     optimizer: torch.optim.Optimizer,
@@ -392,14 +409,15 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
         tested_iterations, files = [state.best_iteration], [checkpoint.best_file(ckpt_dir)]
     scores = score_checkpoints(parts.algorithm, which, files, {"val": parts.val_tasks, "test": parts.test_tasks},
                                objective, cfg.eval.bn_batch_stats, cfg.eval.ci_z, ranks)
+    check_test_divergence(scores["test"], cfg.eval.divergence_factor, state)
     results: dict[str, Any] = {
         "best_iteration": state.best_iteration,
         f"best_val_{objective.metric}": state.best_val,
         "tested_iterations": tested_iterations,
         "eval_tasks": len(parts.test_tasks),
         "eval_inner_steps": parts.algorithm.eval_inner_steps,
-        "diverged": state.divergence is not None,  # adaptation made the validation query loss explode
-        "divergence": state.divergence,  # the worst such validation: iteration, step, factor (null: none)
+        "diverged": state.divergence is not None,  # adaptation made the validation (or test) query loss explode
+        "divergence": state.divergence,  # the worst such validation (iteration, step, factor), or the test's; null: none
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - run_started,  # this process: since a resume only
         "device": str(parts.device),

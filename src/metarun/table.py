@@ -70,8 +70,8 @@ VERDICT_DEFINITION = (
 
 DIVERGED_DEFINITION = (
     "diverged (seed S: step K, xF): seed S's run diverged (results.json diverged: true): on its validation tasks "
-    "the mean query loss after the last adaptation step K was F times its value at step 0, more than "
-    "eval.divergence_factor (its worst validation)."
+    "(or, where those did not show it, its test tasks) the mean query loss after the last adaptation step K was "
+    "F times its value at step 0, more than eval.divergence_factor (its worst validation)."
 )
 
 NO_PRESET = "(no preset)"  # a job run without experiment=...
