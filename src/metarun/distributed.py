@@ -55,7 +55,7 @@ TIMEOUT_S = 300
 
 @dataclass(frozen=True)
 class Peer:
-    """Where a rank runs: its host, process id and device."""
+    """Where a rank runs: its host and process id (to name a rank that stopped)."""
 
     host: str
     pid: int
@@ -319,6 +319,8 @@ def from_environment() -> tuple[int, int, int] | None:
     with several tasks (whose helper then exports torchrun's variables); None for one process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if not any(name.startswith(("SLURM_", "SUBMITIT_")) for name in os.environ):
+        return None  # no job scheduler: one process, without importing submitit at every start
     try:
         import submitit
 
