@@ -70,15 +70,17 @@ def _fake_png(class_index: int, drawing: int) -> Image.Image:
     return image
 
 
-def _write_fake_folders(base: Path) -> None:
-    """``base/images_background/<Alphabet>/characterNN/*.png`` and the same for images_evaluation."""
+def _write_fake_folders(base: Path, parts: dict[str, dict[str, int]] = FAKE_ALPHABETS,
+                        drawings: int = DRAWINGS) -> None:
+    """``base/images_background/<Alphabet>/characterNN/*.png`` and the same for images_evaluation: for
+    each part, ``{alphabet: characters}``, each character drawn ``drawings`` times."""
     class_index = 0
-    for part, alphabets in FAKE_ALPHABETS.items():
+    for part, alphabets in parts.items():
         for alphabet, characters in alphabets.items():
             for character in range(1, characters + 1):
                 folder = base / part / alphabet / f"character{character:02d}"
                 folder.mkdir(parents=True)
-                for drawing in range(DRAWINGS):
+                for drawing in range(drawings):
                     _fake_png(class_index, drawing).save(folder / f"{class_index:04d}_{drawing + 1:02d}.png")
                 class_index += 1
 

@@ -20,12 +20,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
 
 from conftest import CONF, TINY, run_cli
 from metarun.build import build_data
 from metarun.data.base import ClassSplits
 from metarun.data.omniglot import EVALUATION_ALPHABETS
+from test_data_omniglot import _write_fake_folders
 
 ROTATED = re.compile(r"/rot\d{3}$")
 
@@ -72,15 +72,6 @@ def task_alphabets(tasks, split) -> list[set[str]]:
     return out
 
 
-def _fake_png(class_index: int, drawing: int) -> Image.Image:
-    """A 105x105 Omniglot-like drawing (black on white), asymmetric so that rotations differ."""
-    image = Image.new("1", (105, 105), color=1)
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((8, 8, 40, 20), fill=0)
-    draw.rectangle((8, 8, 20, 40 + 2 * class_index + drawing), fill=0)
-    return image
-
-
 # A tiny Omniglot with real alphabet names: 3 background alphabets, 2 evaluation ones.
 FAKE = {
     "images_background": {"Latin": 4, "Greek": 3, "Korean": 3},
@@ -92,15 +83,7 @@ DRAWINGS = 6  # a 60-way-style training task needs 1 shot + 5 queries
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("omniglot-challenge")
-    index = 0
-    for part, alphabets in FAKE.items():
-        for alphabet, characters in alphabets.items():
-            for character in range(1, characters + 1):
-                folder = root / part / alphabet / f"character{character:02d}"
-                folder.mkdir(parents=True)
-                for drawing in range(DRAWINGS):
-                    _fake_png(index, drawing).save(folder / f"{index:04d}_{drawing + 1:02d}.png")
-                index += 1
+    _write_fake_folders(root, FAKE, DRAWINGS)
     return root
 
 

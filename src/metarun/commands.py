@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -37,8 +38,16 @@ def user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def ending() -> None:
+    """The command is ending with its one line: a SIGTERM from here on (torchrun stopping the other ranks
+    once one has failed) must not cut that line off or replace it with a traceback."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to protect
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def fail(message: str) -> None:
     """End the command with ``metarun: error: <message>`` on stderr and exit status 2."""
+    ending()
     print(f"metarun: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -54,6 +63,7 @@ def user_errors(interrupted: str, label: str = "") -> Iterator[None]:
         print(f"metarun: {label}{interrupted}", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
+        ending()
         cause = user_error(error)
         if cause is None:
             raise

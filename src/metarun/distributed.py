@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from metarun.errors import ConfigError, RankFailure
+from metarun.errors import ConfigError, RankFailure, one_line
 
 log = logging.getLogger(__name__)
 _WARNED_CARRIED = False  # the warning of merge_buffers, once per process
@@ -133,22 +133,12 @@ class Ranks:
         parameters = list(parameters)
         if not parameters:
             return
-        first = parameters[0]
-        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float64, device=first.device)
-        # Summed in float64, rounded once at the end: the float32 sum differs from one process's by less.
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() * weight
-                          for p in parameters] + [present])
-        self._call(dist.all_reduce, flat)
-        offset = 0
-        for p, anywhere in zip(parameters, flat[-len(parameters):].tolist(), strict=True):
-            values = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            if anywhere == 0:
-                p.grad = None
-            elif p.grad is None:
-                p.grad = values.to(p.dtype)
-            else:
-                p.grad.copy_(values)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float64,
+                               device=parameters[0].device)
+        self.weighted_sum_([*grads, present], weight)  # present stays 0 exactly where no rank had a gradient
+        for p, grad, anywhere in zip(parameters, grads, present.tolist(), strict=True):
+            p.grad = grad if anywhere else None
 
     def exchange(self, text: str) -> list[str]:
         """Every rank's ``text``, in rank order."""
@@ -264,7 +254,7 @@ class Ranks:
         """One line: which rank stopped (a peer on this host whose process is gone), and what to do."""
         gone = [r for r, peer in enumerate(self.peers) if r != self.rank and peer.host == socket.gethostname()
                 and not process_alive(peer.pid)]
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = one_line(error) if isinstance(error, BaseException) else error
         who = (f"rank {', '.join(map(str, gone))} stopped (process {', '.join(str(self.peers[r].pid) for r in gone)})"
                if gone else f"lost contact with another rank ({cause[:160]})")
         return f"{who}; every rank stops, and the last complete checkpoint stays"
@@ -354,8 +344,7 @@ def join() -> Ranks:
     try:
         dist.init_process_group(backend=backend, timeout=timeout)
     except Exception as error:  # noqa: BLE001 - a rendezvous that cannot complete
-        raise RankFailure(f"cannot join the other {world_size - 1} ranks: "
-                          f"{str(error).strip().splitlines()[0] if str(error).strip() else error!r}") from None
+        raise RankFailure(f"cannot join the other {world_size - 1} ranks: {one_line(error)}") from None
     ranks = Ranks(rank=rank, world_size=world_size, local_rank=local_rank)
     peers = [json.loads(text) for text in ranks.exchange(json.dumps([socket.gethostname(), os.getpid()]))]
     ranks = Ranks(rank=rank, world_size=world_size, local_rank=local_rank,
