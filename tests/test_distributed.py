@@ -155,7 +155,7 @@ def test_ranks_with_different_configs_are_refused(tmp_path: Path) -> None:
     # lines only, the other rank stopping silently (cause not found yet; the issue-20 closing note says so).
     assert 1 <= len(lines) <= 2, done.stderr[-3000:]
     assert all("the ranks' configs differ (rank 1's is not rank 0's)" in line for line in lines)
-    assert "Traceback" not in "\n".join(line for line in done.stderr.splitlines() if line.startswith("[rank"))
+    assert "src/metarun/" not in done.stderr  # no traceback from metarun's code on either rank (torchrun's own is there)
 
 
 def test_cuda_with_fewer_gpus_than_local_ranks_is_one_line(tmp_path: Path) -> None:
