@@ -209,7 +209,7 @@ def test_ensemble_of_the_top_k_checkpoints_averages_their_predictions(compose_cf
     """eval.top_k keeps the k best validation checkpoints and tests their ensemble; with one member
     the ensemble is that model itself."""
     from metarun.build import build
-    from metarun.loop import score_ensemble
+    from metarun.loop import score_checkpoints
 
     run(compose_cfg("iterations=4", "eval.top_k=3"), tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -219,12 +219,13 @@ def test_ensemble_of_the_top_k_checkpoints_averages_their_predictions(compose_cf
     assert results["tested_iterations"][0] == results["best_iteration"]
     parts = build(compose_cfg(), tmp_path / "parts")
     ckpt = tmp_path / "run" / "checkpoints"
-    single = score_ensemble(parts.algorithm, [checkpoint.best_file(ckpt)], parts.test_tasks, parts.objective, True,
-                            1.96)
+    single = score_checkpoints(parts.algorithm, checkpoint.TOP, [checkpoint.best_file(ckpt)], {"test": parts.test_tasks},
+                               parts.objective, True, 1.96)["test"]
     plain = score_tasks(parts.algorithm, parts.test_tasks, True, 1.96)
     assert torch.equal(single.accuracy, plain.accuracy)
     members = [checkpoint.top_file(ckpt, i) for i in results["tested_iterations"]]
-    ensemble = score_ensemble(parts.algorithm, members, parts.test_tasks, parts.objective, True, 1.96)
+    ensemble = score_checkpoints(parts.algorithm, checkpoint.TOP, members, {"test": parts.test_tasks}, parts.objective,
+                                 True, 1.96)["test"]
     assert ensemble.summary()["acc_mean"] == pytest.approx(results["curves"]["test"]["acc_mean"])
     # By hand: the mean of the members' class probabilities decides each query.
     from metarun.checkpoint import load_model

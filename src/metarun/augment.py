@@ -2,7 +2,9 @@
 
 Each transform is a callable ``images [n, C, H, W] float in [0, 1] -> same shape``, runs on the
 images' device and draws from torch's global RNG (so ``torch.manual_seed`` makes it repeatable).
-They are meant for meta-training batches only; evaluation tasks are never augmented.
+They transform meta-training batches; evaluation tasks are augmented only for test-time
+augmentation (``eval.tta_views``: :class:`metarun.tasks.sampling.AugmentedTasks`, which seeds each
+view).
 """
 
 from __future__ import annotations

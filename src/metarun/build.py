@@ -21,6 +21,7 @@ from metarun.algorithms.base import Algorithm
 from metarun.config import takes_features
 from metarun.cpu import configure_cpu
 from metarun.distributed import SINGLE, Ranks, check_world, device_for
+from metarun.augment import Transform
 from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
 from metarun.tasks.device import training_sampler
@@ -65,6 +66,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def augmentation(cfg: DictConfig) -> Transform | None:
+    """``cfg.augment`` (a config group, default none), built: it transforms the training tasks' images, and
+    the test's views with test-time augmentation (``eval.tta_views``)."""
+    return instantiate(cfg.augment) if cfg.augment is not None else None
+
+
 def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTasks, FixedTasks, Objective]:
     """The training task sampler, the fixed validation and test tasks, and the tasks' objective.
 
@@ -79,8 +86,7 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTas
         if cfg[key] < fewest:
             raise ConfigError(f"{key}={cfg[key]}: a {type(source.objective).__name__.lower()} task needs >= {fewest} "
                               f"classes (with one class every answer is right, so its accuracy says nothing)")
-    augment = instantiate(cfg.augment) if cfg.augment is not None else None
-    train = source.sampler("train", cfg.train_ways, cfg.train_shots, cfg.train_query_shots, device, augment)
+    train = source.sampler("train", cfg.train_ways, cfg.train_shots, cfg.train_query_shots, device, augmentation(cfg))
     train = training_sampler(train, cfg.sampler)  # sampler=device: whole meta-batches on the device
     val = source.sampler("val", cfg.ways, cfg.shots, cfg.query_shots, device, None)
     test = source.sampler("test", cfg.ways, cfg.shots, cfg.query_shots, device, None)

@@ -44,6 +44,7 @@ class EvalConfig:
     ci_z: float = MISSING  # CI half-width = ci_z * std / sqrt(tasks); 1.96 for 95%
     bn_batch_stats: bool = MISSING  # BatchNorm uses the task's batch statistics at evaluation (MAML, transductive)
     top_k: int = MISSING  # test the ensemble of the top_k validation checkpoints (MAML++: 5); 1: best.pt alone
+    tta_views: int = MISSING  # test-time augmentation: also test on this many copies of each task augmented by augment
     # warn (once) and record in results.json when, on the validation tasks, the mean query loss after the last
     # adaptation step is more than divergence_factor times its value at step 0; null: no check
     divergence_factor: float | None = MISSING
@@ -303,6 +304,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seed must be >= 0 and <= {MAX_SEED} (the range numpy's RNG accepts), got {cfg.seed}")
     if cfg.eval.ci_z <= 0:
         raise ConfigError(f"eval.ci_z must be > 0 (1.96 for a 95% interval), got {cfg.eval.ci_z}")
+    if cfg.eval.tta_views < 0:
+        raise ConfigError(f"eval.tta_views must be >= 0 (0: no test-time augmentation), got {cfg.eval.tta_views}")
+    if cfg.eval.tta_views and cfg.augment is None:
+        raise ConfigError(f"eval.tta_views={cfg.eval.tta_views} needs an augmentation to apply to the test tasks: "
+                          "choose one with augment=... (conf/augment/), or set eval.tta_views=0")
     if cfg.threads < 0:
         raise ConfigError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:

@@ -17,7 +17,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,15 @@ from torch import nn
 
 from metarun import checkpoint, config
 from metarun.algorithms.base import Algorithm, MetaUpdate
-from metarun.build import build
+from metarun.augment import Transform
+from metarun.build import augmentation, build
 from metarun.distributed import SINGLE, Ranks
 from metarun.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from metarun.objectives import Objective, TaskResult
 from metarun.statistics import TaskScores, final_values
 from metarun.tasks.device import sample_tasks
-from metarun.tasks.sampling import FixedTasks, Sampler
-from metarun.tasks.types import with_seeds
+from metarun.tasks.sampling import AugmentedTasks, FixedTasks, Sampler
+from metarun.tasks.types import Task, with_seeds
 from metarun.tracking import Tracker, final_line
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def batchnorm_mode(module: nn.Module, batch_stats: bool) -> Iterator[None]:
             m.training = training
 
 
-def task_results(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool) -> list[list[TaskResult]]:
+def task_results(algorithm: Algorithm, tasks: Iterable[Task], bn_batch_stats: bool) -> list[list[TaskResult]]:
     """``results[task][step]``: adapt to each fixed task with ``eval_inner_steps`` steps and score
     every step on its query set."""
     with torch.no_grad(), batchnorm_mode(algorithm, bn_batch_stats):
@@ -90,42 +91,49 @@ def score_tasks(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, c
     return gather(ranks, TaskScores.of(task_results(algorithm, tasks, bn_batch_stats), ci_z, loss_metric))
 
 
-def score_ensemble(algorithm: Algorithm, checkpoints: list[Path], tasks: FixedTasks, objective: Objective,
-                   bn_batch_stats: bool, ci_z: float, ranks: Ranks = SINGLE) -> TaskScores:
-    """Query metrics of the ensemble of the models saved in ``checkpoints``, after every step.
-
-    Each model adapts to each task on its own; the ensemble's prediction after step k is the
-    mean of the members' predictions after step k (Antoniou et al. 2019 test MAML++ as the
-    ensemble of its top-5 validation checkpoints). ``algorithm`` ends holding the last member.
-    Several ``ranks`` share the tasks as in :func:`score_tasks`.
-    """
-    if ranks.active:
-        tasks = tasks.part(ranks.share(len(tasks)))
-    members = []
-    for path in checkpoints:
-        checkpoint.load_model(path, algorithm)
-        members.append(task_results(algorithm, tasks, bn_batch_stats))
-    combined = [
-        [objective.ensemble([member[t][k] for member in members], task.query) for k in range(len(members[0][t]))]
-        for t, task in enumerate(tasks)
-    ]
-    return gather(ranks, TaskScores.of(combined, ci_z, objective.loss_metric))
+def views(tasks: FixedTasks, tta_views: int, transform: Transform | None) -> list[Iterable[Task]]:
+    """The tasks themselves, then ``tta_views`` augmented copies of them (:class:`AugmentedTasks`)."""
+    if tta_views and transform is None:
+        raise ValueError("test-time augmentation needs a transform (config.validate refuses eval.tta_views without augment)")
+    return [tasks, *(AugmentedTasks(tasks, transform, view) for view in range(1, tta_views + 1))]
 
 
 def score_checkpoints(algorithm: Algorithm, which: str, files: list[Path], splits: dict[str, FixedTasks],
-                      objective: Objective, bn_batch_stats: bool, ci_z: float,
-                      ranks: Ranks = SINGLE) -> dict[str, TaskScores]:
+                      objective: Objective, bn_batch_stats: bool, ci_z: float, ranks: Ranks = SINGLE,
+                      tta_views: int = 0, transform: Transform | None = None) -> dict[str, TaskScores]:
     """Query metrics of a saved model on the fixed tasks of each split (``{"val": tasks, ...}``),
-    as a run tests it: the ensemble of ``files`` when ``which`` is :data:`checkpoint.TOP`
-    (:func:`score_ensemble`), else the one model in ``files``. ``algorithm`` ends holding the last
-    file's weights."""
-    if which == checkpoint.TOP:
-        return {split: score_ensemble(algorithm, files, tasks, objective, bn_batch_stats, ci_z, ranks)
-                for split, tasks in splits.items()}
-    (path,) = files
-    checkpoint.load_model(path, algorithm)
-    return {split: score_tasks(algorithm, tasks, bn_batch_stats, ci_z, objective.loss_metric, ranks)
-            for split, tasks in splits.items()}
+    after every adaptation step, as a run tests it: one model (``files``: best.pt), or with ``which``
+    :data:`checkpoint.TOP` the ensemble of ``files``.
+
+    An ensemble's prediction after step k is the mean of its members' predictions after step k, each
+    member adapting to each task on its own (Antoniou et al. 2019 test MAML++ as the ensemble of its
+    top-5 validation checkpoints). Test-time augmentation makes every model a member ``1 +
+    tta_views`` times: once on the tasks as they are, once on each view of them augmented by
+    ``transform`` (:func:`views`). With one member the scores are that member's own. ``algorithm``
+    ends holding the last file's weights. Several ``ranks`` each score their share of the tasks
+    (:meth:`Ranks.share`) and every rank gets all the scores, in task order.
+    """
+    if which != checkpoint.TOP and len(files) != 1:
+        raise ValueError(f"{which} names one checkpoint, got {len(files)} files")
+    if ranks.active:
+        splits = {split: tasks.part(ranks.share(len(tasks))) for split, tasks in splits.items()}
+    members: dict[str, list[list[list[TaskResult]]]] = {split: [] for split in splits}
+    for path in files:
+        checkpoint.load_model(path, algorithm)
+        for split, tasks in splits.items():
+            for view in views(tasks, tta_views, transform):
+                members[split].append(task_results(algorithm, view, bn_batch_stats))
+    scores = {}
+    for split, tasks in splits.items():
+        results = members[split]
+        if len(results) > 1:
+            results = [[objective.ensemble([member[t][k] for member in members[split]], task.query)
+                        for k in range(len(members[split][0][t]))]
+                       for t, task in enumerate(tasks)]
+        else:
+            (results,) = results
+        scores[split] = gather(ranks, TaskScores.of(results, ci_z, objective.loss_metric))
+    return scores
 
 
 def report(tracker: Tracker, results: dict[str, Any], split: str, console: bool) -> None:
@@ -408,7 +416,8 @@ def run(cfg: DictConfig, output_dir: Path, wandb_defaults: dict[str, Any] | None
     else:
         tested_iterations, files = [state.best_iteration], [checkpoint.best_file(ckpt_dir)]
     scores = score_checkpoints(parts.algorithm, which, files, {"val": parts.val_tasks, "test": parts.test_tasks},
-                               objective, cfg.eval.bn_batch_stats, cfg.eval.ci_z, ranks)
+                               objective, cfg.eval.bn_batch_stats, cfg.eval.ci_z, ranks, cfg.eval.tta_views,
+                               augmentation(cfg))
     check_test_divergence(scores["test"], cfg.eval.divergence_factor, state)
     results: dict[str, Any] = {
         "best_iteration": state.best_iteration,

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metarun import checkpoint, config, loop
 from metarun.algorithms.base import Algorithm
-from metarun.build import build_algorithm, build_data, build_tracker, resolve_device, seed_everything
+from metarun.build import augmentation, build_algorithm, build_data, build_tracker, resolve_device, seed_everything
 from metarun.commands import OneLineParser, user_error, user_errors
 from metarun.cpu import configure_cpu
 from metarun.errors import CheckpointError, ConfigError, one_line
@@ -238,7 +238,7 @@ def evaluate_run(request: Request) -> dict[str, Any]:
     log.info("scoring %s of %s on %s (%d tasks)", which, run_dir, source, len(tasks))
     label = "episodes" if episodes is not None else request.split
     scores = loop.score_checkpoints(algorithm, which, files, {label: tasks}, objective, cfg.eval.bn_batch_stats,
-                                    cfg.eval.ci_z)[label]
+                                    cfg.eval.ci_z, tta_views=cfg.eval.tta_views, transform=augmentation(cfg))[label]
     if which == checkpoint.TOP:
         model = f"ensemble of the top-{len(files)} checkpoints, iterations {', '.join(map(str, iterations))}"
     else:

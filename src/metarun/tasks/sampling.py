@@ -14,13 +14,14 @@ class, the first ``shots`` go to the support set and the rest to the query set.
 
 Two options change what a task is: ``within_group`` puts :class:`OneGroup` before ``NWays`` so
 that all classes of a task share a group (one alphabet: Koch et al. 2015), and ``augment``
-transforms the images of every task drawn (the training sampler only; evaluation tasks are
-never augmented).
+transforms the images of every task drawn (the training sampler only; fixed evaluation tasks
+are augmented only as the seeded views of test-time augmentation, :class:`AugmentedTasks`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -245,11 +246,16 @@ def draw_fixed_tasks(sampler: Sampler, draw: Callable[[], tuple], count: int, se
 class FixedTasks:
     """A fixed, cached list of tasks (validation and test), stored as the sampler's compact
     descriptions (image indices and labels; a sinusoid's inputs and parameters) and
-    materialised on use."""
+    materialised on use.
 
-    def __init__(self, sampler: Sampler, drawn: list[tuple[Any, ...]]) -> None:
+    Attributes:
+        start: the place of the first task in the whole list (a rank's share of it starts later).
+    """
+
+    def __init__(self, sampler: Sampler, drawn: list[tuple[Any, ...]], start: int = 0) -> None:
         self.sampler = sampler
         self.drawn = drawn
+        self.start = start
 
     def __len__(self) -> int:
         return len(self.drawn)
@@ -260,7 +266,38 @@ class FixedTasks:
 
     def part(self, part: slice) -> FixedTasks:
         """The tasks of ``part`` (a rank's share of an evaluation), in order."""
-        return FixedTasks(self.sampler, self.drawn[part])
+        begin, _, _ = part.indices(len(self.drawn))
+        return FixedTasks(self.sampler, self.drawn[part], self.start + begin)
+
+
+# Seeds of test-time augmentation views: view v of task t draws from seed AUGMENTED_VIEW_SEED * v + t.
+AUGMENTED_VIEW_SEED = 1_000_003
+
+
+class AugmentedTasks:
+    """View ``view`` (1, 2, ...) of fixed tasks for test-time augmentation: every image of every task,
+    support and query, passed through ``transform`` (a training augmentation, :mod:`metarun.augment`).
+
+    Each task's draws come from a seed of the view and the task's place in the whole list, so the
+    images are the same in every evaluation and on every rank's share, and the global RNG is left
+    as it was.
+    """
+
+    def __init__(self, tasks: FixedTasks, transform: Callable[[torch.Tensor], torch.Tensor], view: int) -> None:
+        self.tasks, self.transform, self.view = tasks, transform, view
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        for place, task in enumerate(self.tasks, start=self.tasks.start):
+            x = torch.cat([task.support.x, task.query.x])  # [n_s + n_q, C, H, W]
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(AUGMENTED_VIEW_SEED * self.view + place)
+                x = self.transform(x)
+            n = len(task.support.y)
+            yield Task(dataclasses.replace(task.support, x=x[:n]), dataclasses.replace(task.query, x=x[n:]))
 
 
 def check_task_shape(classes: ImageClasses, ways: int, shots: int, query_shots: int, split_name: str) -> None:
