@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -26,10 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The same budget on both sides, per method. MAML: docs/results.md's "optimisation family" protocol
 # (scripts/omniglot_optimisation_runs.sh). ProtoNet: the metric-based runs (scripts/omniglot_metric_runs.sh:
-# experiment=protonet_omniglot_5w1s cut to 3000 episodes).
+# experiment=protonet_omniglot_5w1s cut to 3000 episodes). Reptile: the `reptile` row of
+# scripts/omniglot_optimisation_runs.sh (docs/fidelity.md).
 DEFAULTS = {
     "maml": dict(iterations=400, meta_batch=8, val_every=100, val_tasks=100, test_tasks=600),
     "protonet": dict(iterations=3000, meta_batch=1, val_every=250, val_tasks=100, test_tasks=600),
+    "reptile": dict(iterations=400, meta_batch=8, val_every=100, val_tasks=100, test_tasks=600),
 }
 
 
@@ -49,6 +52,15 @@ def reference_command(method: str, a: argparse.Namespace, seed: int, data: Path,
                 "--dataset", "omniglot", "--train-way", "60", "--shot", "1", "--train-query", "5",
                 "--test-way", "5", "--test-shot", "1", "--test-query", "5", "--lr", "0.001",
                 "--lr-step", "2000", "--lr-gamma", "0.5", *([] if a.cpu else ["--gpu", "1"])]
+    if method == "reptile":
+        # conf/algorithm/reptile.yaml with train_shots=10 algorithm.eval_inner_steps=50: inner Adam (beta1 0) lr 1e-3,
+        # batches of 10, 5 steps on 10 shots per class in training, 50 steps on 1 shot at validation and test;
+        # outer step 1.0 annealed linearly to 0; one query per class (train and test).
+        return [a.python, str(a.ref / "examples/vision/reptile_miniimagenet.py"), *common,
+                "--dataset", "omniglot", "--ways", "5", "--train-shots", "10", "--train-query", "1",
+                "--test-shots", "1", "--test-query", "1", "--meta-bsz", str(a.meta_batch),
+                "--meta-lr", "1.0", "--meta-lr-final", "0.0", "--fast-lr", "0.001",
+                "--train-bsz", "10", "--test-bsz", "10", "--train-steps", "5", "--test-steps", "50"]
     raise SystemExit(f"unknown method {method}")
 
 
@@ -63,6 +75,9 @@ def metarun_command(method: str, a: argparse.Namespace, seed: int, run_dir: Path
         shape = ["dataset=omniglot", "algorithm=maml", "ways=5", "shots=1", "query_shots=1"]
     elif method == "protonet":
         shape = ["experiment=protonet_omniglot_5w1s"]  # 60-way training, 5 queries, step lr, max-pool, BN running
+    elif method == "reptile":  # scripts/omniglot_optimisation_runs.sh, row `reptile`
+        shape = ["dataset=omniglot", "algorithm=reptile", "ways=5", "shots=1", "query_shots=1", "train_shots=10",
+                 "algorithm.eval_inner_steps=50"]
     else:
         raise SystemExit(f"unknown method {method}")
     return [a.metarun, *shape, *budget, *common, *a.metarun_extra]
@@ -84,6 +99,20 @@ def l2l_data_root(data_root: Path, out: Path) -> Path:
             link.unlink()
         link.symlink_to((data_root / part).resolve(), target_is_directory=True)
     return root
+
+
+def check_command(record: Path, cmd: list[str]) -> None:
+    """A run is reused (or resumed) only with the arguments it was started with (the interpreter aside): a changed
+    --ref-extra / --metarun-extra, say, needs a new --out. Runs from before these records are not checked."""
+    if record.exists():
+        before = json.loads(record.read_text())
+        if before != cmd[1:]:
+            raise SystemExit(f"{record} holds other arguments ({' '.join(before)}): use a new --out or delete the run")
+
+
+def record_command(record: Path, cmd: list[str]) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(cmd[1:]))
 
 
 def run_logged(cmd: list[str], log: Path, env: dict) -> float:
@@ -155,7 +184,10 @@ def curve(runs: list[dict], z: float) -> tuple[list[int], list[float], list[floa
     return its, mean, None, "no band (one seed; metarun logs no per-task validation CI)"
 
 
-def plot(method: str, sides: dict, path: Path, z: float, verdict: str) -> dict:
+def plot(title: str, labels: dict[str, str], sides: dict, path: Path, z: float, verdict: str) -> dict:
+    """Validation accuracy against meta-iteration, both sides (``labels``: side -> legend name), with bands."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,10 +197,11 @@ def plot(method: str, sides: dict, path: Path, z: float, verdict: str) -> dict:
         runs = sides[name]["runs"]
         its, mean, band, how = curve(runs, z)
         bands[name] = how
-        label = f"{name} (mean of {len(runs)} seed{'s' * (len(runs) > 1)})"
+        label = f"{labels[name]} (mean of {len(runs)} seed{'s' * (len(runs) > 1)})"
         ax.plot(its, [100 * m for m in mean], "o-", color=colour, label=label)
         if band is not None:
-            ax.fill_between(its, [100 * (m - b) for m, b in zip(mean, band, strict=True)], [100 * (m + b) for m, b in zip(mean, band, strict=True)],
+            ax.fill_between(its, [100 * (m - b) for m, b in zip(mean, band, strict=True)],
+                            [100 * (m + b) for m, b in zip(mean, band, strict=True)],
                             color=colour, alpha=0.2, label=f"{name}: {how}")
         if len(runs) > 1:
             for r in runs:
@@ -176,8 +209,7 @@ def plot(method: str, sides: dict, path: Path, z: float, verdict: str) -> dict:
                         alpha=0.3, linewidth=0.8)
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("validation accuracy (%)")
-    import textwrap
-    ax.set_title(f"{method}: learn2learn example vs metarun, equal budget\n" + textwrap.fill(verdict, 90), fontsize=8)
+    ax.set_title(f"{title}\n" + textwrap.fill(verdict, 90), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -186,57 +218,33 @@ def plot(method: str, sides: dict, path: Path, z: float, verdict: str) -> dict:
     return bands
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=sorted(DEFAULTS))
-    p.add_argument("--ref", type=Path, required=True, help="the folder fetch.sh made (learn2learn at the pinned commit)")
-    p.add_argument("--data-root", type=Path, required=True, help="holds images_background/ and images_evaluation/")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--iterations", type=int, help="meta-iterations (ProtoNet: episodes); default per method")
-    p.add_argument("--meta-batch", type=int, help="tasks per meta-iteration (MAML only)")
-    p.add_argument("--val-every", type=int)
-    p.add_argument("--val-tasks", type=int)
-    p.add_argument("--test-tasks", type=int)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cpu", action="store_true", help="both sides on the CPU even where CUDA is available")
-    p.add_argument("--only", choices=["reference", "metarun"], help="run one side (the summary needs both)")
-    p.add_argument("--python", default=str(REPO / ".venv/bin/python"), help="runs the reference example")
-    p.add_argument("--metarun", default=str(REPO / ".venv/bin/metarun"))
-    p.add_argument("--metarun-extra", nargs="*", default=[], help="more metarun overrides (after the others)")
-    p.add_argument("--z", type=float, default=1.96)
-    a = p.parse_args()
-    for key, value in DEFAULTS[a.method].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    if a.method == "protonet" and a.meta_batch != 1:
-        raise SystemExit("protonet: one episode per update on both sides (--meta-batch 1)")
-    a.ref, a.data_root, a.out = a.ref.resolve(), a.data_root.resolve(), a.out.resolve()
-    a.out.mkdir(parents=True, exist_ok=True)
-    data = l2l_data_root(a.data_root, a.out)
-    env = dict(os.environ)
-    env.setdefault("METARUN_CACHE", str(Path.home() / ".cache/metarun"))
-    env.setdefault("WANDB_SILENT", "true")
-
+def run_seeds(a: argparse.Namespace, method: str, reference_cmd, metarun_cmd, env: dict) -> dict:
+    """Both sides, seed by seed (``reference_cmd(seed, result_json)``, ``metarun_cmd(seed, run_dir)`` give the
+    commands): run what is missing, reuse what is finished (with the same arguments and budget), and read each
+    run's validation curve and test result. Returns ``{"reference": {"runs", "commands"}, "metarun": {...}}``."""
     sides: dict = {"reference": {"runs": [], "commands": []}, "metarun": {"runs": [], "commands": []}}
     for seed in a.seeds:
-        ref_dir = a.out / "reference" / a.method / f"seed{seed}"
+        ref_dir = a.out / "reference" / method / f"seed{seed}"
         ref_json = ref_dir / "result.json"
         if a.only != "metarun":
-            cmd = reference_command(a.method, a, seed, data, ref_json)
+            cmd = reference_cmd(seed, ref_json)
             sides["reference"]["commands"].append(cmd)
+            check_command(ref_dir / "command.json", cmd)
             if ref_json.exists():
                 print(f"reference seed {seed}: reusing {ref_json}", file=sys.stderr)
             else:
+                record_command(ref_dir / "command.json", cmd)
                 run_logged(cmd, ref_dir / "log.txt", env)
-        mr_dir = a.out / "metarun" / a.method / f"seed{seed}"
+        mr_dir = a.out / "metarun" / method / f"seed{seed}"
         if a.only != "reference":
-            cmd = metarun_command(a.method, a, seed, mr_dir)
+            cmd = metarun_cmd(seed, mr_dir)
             sides["metarun"]["commands"].append(cmd)
+            check_command(a.out / "metarun" / method / f"seed{seed}.command.json", cmd)
             if (mr_dir / "results.json").exists():
                 print(f"metarun seed {seed}: reusing {mr_dir}", file=sys.stderr)
             else:
-                run_logged(cmd, a.out / "metarun" / a.method / f"seed{seed}.log", env)
+                record_command(a.out / "metarun" / method / f"seed{seed}.command.json", cmd)
+                run_logged(cmd, a.out / "metarun" / method / f"seed{seed}.log", env)
         if ref_json.exists():
             r = json.loads(ref_json.read_text())
             check_budget("reference", ref_json, {"iterations": r.get("iterations", r.get("args", {}).get("iterations")),
@@ -253,45 +261,101 @@ def main() -> None:
         for name in sides:
             r = next((r for r in sides[name]["runs"] if r["seed"] == seed), None)
             if r:
-                print(f"{a.method} seed {seed} {name:9s}: test {100 * r['test_mean']:.2f} ± "
+                print(f"{method} seed {seed} {name:9s}: test {100 * r['test_mean']:.2f} ± "
                       f"{100 * r['test_ci95']:.2f}% ({r['test_tasks']} tasks), best val {100 * r['best_val_acc']:.1f}% "
                       f"at {r['best_iteration']}, train {r['train_seconds']:.0f} s, wall {r['wall_seconds']:.0f} s",
                       flush=True)
-    if a.only:
-        return
+    return sides
 
+
+def compare(a: argparse.Namespace, method: str, sides: dict, reference_name: str, title: str, record: dict,
+            reference_info: dict | None = None) -> None:
+    """The verdict (the difference of the seed-mean test accuracies against their combined CI), the PNG and
+    ``OUT/pair_<method>.json`` (``record``: more top-level fields for it; ``reference_info``: more about the
+    reference, e.g. its repository)."""
     for name in sides:
         sides[name]["summary"] = summarise(sides[name]["runs"], a.z)
     ref, mr = sides["reference"]["summary"], sides["metarun"]["summary"]
     diff = mr["test_mean"] - ref["test_mean"]
     combined = math.sqrt(ref["test_ci95"] ** 2 + mr["test_ci95"] ** 2)
     verdict = "agree" if abs(diff) <= combined else ("metarun better" if diff > 0 else "metarun worse")
-    line = (f"{a.method}: metarun {100 * mr['test_mean']:.2f}% vs reference {100 * ref['test_mean']:.2f}% "
+    line = (f"{method}: metarun {100 * mr['test_mean']:.2f}% vs {reference_name} {100 * ref['test_mean']:.2f}% "
             f"(mean of {len(a.seeds)} seed{'s' * (len(a.seeds) > 1)}), diff {100 * diff:+.2f} points, "
             f"combined CI ±{100 * combined:.2f}: {verdict}")
     if ref["seed_sd"] is not None:
         seed_combined = math.sqrt(ref["seed_ci95"] ** 2 + mr["seed_ci95"] ** 2)
         line += (f" [across-seed check: combined ±{100 * seed_combined:.2f}, "
                  f"{'agree' if abs(diff) <= seed_combined else 'differ'}]")
-    png = a.out / f"pair_{a.method}.png"
-    bands = plot(a.method, sides, png, a.z, line.split(": ", 1)[1])
+    png = a.out / f"pair_{method}.png"
+    bands = plot(title, {"reference": reference_name, "metarun": "metarun"}, sides, png, a.z, line.split(": ", 1)[1])
     result = {
-        "method": a.method, "seeds": a.seeds,
+        "method": method, "seeds": a.seeds,
         "budget": {k: getattr(a, k) for k in ("iterations", "meta_batch", "val_every", "val_tasks", "test_tasks",
                                               "threads")},
+        **record,
         "verdict": verdict, "diff": diff, "combined_ci95": combined,
         "rule": "diff = mean over seeds of metarun's test mean - the reference's; each side's CI = "
                 "sqrt(sum of the per-seed test CIs^2) / seeds (test-task noise); combined = sqrt(ci_ref^2 + ci_metarun^2); "
                 "agree when |diff| <= combined",
         "curve_bands": bands,
-        "reference": {**sides["reference"], "commit": (a.ref / ".fidelity_commit").read_text().strip()
+        "reference": {**sides["reference"], **(reference_info or {}),
+                      "commit": (a.ref / ".fidelity_commit").read_text().strip()
                       if (a.ref / ".fidelity_commit").exists() else None},
         "metarun": sides["metarun"],
         "png": str(png),
     }
-    (a.out / f"pair_{a.method}.json").write_text(json.dumps(result, indent=1))
+    (a.out / f"pair_{method}.json").write_text(json.dumps(result, indent=1))
     print(line)
-    print(f"wrote {a.out / f'pair_{a.method}.json'} and {png}")
+    print(f"wrote {a.out / f'pair_{method}.json'} and {png}")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of how both sides run, which every comparison script takes."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cpu", action="store_true", help="both sides on the CPU even where CUDA is available")
+    p.add_argument("--only", choices=["reference", "metarun"], help="run one side (the summary needs both)")
+    p.add_argument("--python", default=str(REPO / ".venv/bin/python"), help="runs the reference")
+    p.add_argument("--metarun", default=str(REPO / ".venv/bin/metarun"))
+    p.add_argument("--metarun-extra", nargs="*", default=[], help="more metarun overrides (after the others)")
+    p.add_argument("--z", type=float, default=1.96, help="the normal quantile of the CIs and bands")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=sorted(DEFAULTS))
+    p.add_argument("--ref", type=Path, required=True, help="the folder fetch.sh made (learn2learn at the pinned commit)")
+    p.add_argument("--data-root", type=Path, required=True, help="holds images_background/ and images_evaluation/")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--iterations", type=int, help="meta-iterations (ProtoNet: episodes); default per method")
+    p.add_argument("--meta-batch", type=int, help="tasks per meta-iteration (MAML, Reptile)")
+    p.add_argument("--val-every", type=int)
+    p.add_argument("--val-tasks", type=int)
+    p.add_argument("--test-tasks", type=int)
+    add_run_arguments(p)
+    p.add_argument("--ref-extra", action="append", default=[], metavar="'ARG ...'",
+                   help="more reference arguments (after the others), one quoted string split like a shell "
+                        "command line, e.g. --ref-extra='--init torch'; may be repeated")
+    a = p.parse_args()
+    a.ref_extra = [arg for chunk in a.ref_extra for arg in shlex.split(chunk)]
+    for key, value in DEFAULTS[a.method].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.method == "protonet" and a.meta_batch != 1:
+        raise SystemExit("protonet: one episode per update on both sides (--meta-batch 1)")
+    a.ref, a.data_root, a.out = a.ref.resolve(), a.data_root.resolve(), a.out.resolve()
+    a.out.mkdir(parents=True, exist_ok=True)
+    data = l2l_data_root(a.data_root, a.out)
+    env = dict(os.environ)
+    env.setdefault("METARUN_CACHE", str(Path.home() / ".cache/metarun"))
+    env.setdefault("WANDB_SILENT", "true")
+
+    sides = run_seeds(a, a.method, lambda seed, out_json: [*reference_command(a.method, a, seed, data, out_json),
+                                                           *a.ref_extra],
+                      lambda seed, run_dir: metarun_command(a.method, a, seed, run_dir), env)
+    if not a.only:
+        compare(a, a.method, sides, "reference", f"{a.method}: learn2learn example vs metarun, equal budget",
+                {"extra": {"reference": a.ref_extra, "metarun": a.metarun_extra}})
 
 
 if __name__ == "__main__":
