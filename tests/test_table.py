@@ -155,6 +155,16 @@ def test_collect_writes_markdown_csv_and_figure(fake_sweep, tmp_path, capsys):
     assert [r["preset"] for r in csv.DictReader(open(only / "table.csv"))] == ["maml_omniglot_20w1s"]
 
 
+def test_a_metric_without_a_curve_over_steps_gets_a_note_in_the_figure_not_a_warning(tmp_path, recwarn):
+    """MANN's row reads acc_instance_2, which has no curve over adaptation steps: its panel says so, and
+    matplotlib does not warn about an empty legend on the user's terminal."""
+    sweep = tmp_path / "sweep"
+    write_run(sweep, 0, "mann_omniglot_5w", 0, 0.789, 0.014, curve=[])
+    assert table.main(["--collect", str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "table.png").stat().st_size > 0
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+
+
 def test_bad_arguments_are_one_line(tmp_path):
     for argv, message in [
         (["no_such_preset"], "no experiment preset matches 'no_such_preset'"),

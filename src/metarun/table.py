@@ -467,7 +467,10 @@ def write_figure(rows: Sequence[Row], path: Path) -> None:
                       else f"test query {metric.upper()}")
         ax.grid(alpha=0.3)
         ax.set_title("mean over seeds")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+        if ax.lines:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+        else:  # a metric on another axis than the adaptation step (MANN's acc_instance_2)
+            ax.text(0.5, 0.5, f"{metric}: no curve over adaptation steps", ha="center", transform=ax.transAxes)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
