@@ -354,7 +354,8 @@ def main() -> None:
                                                            *a.ref_extra],
                       lambda seed, run_dir: metarun_command(a.method, a, seed, run_dir), env)
     if not a.only:
-        compare(a, a.method, sides, "reference", f"{a.method}: learn2learn example vs metarun, equal budget",
+        example = f"learn2learn example ({' '.join(a.ref_extra)})" if a.ref_extra else "learn2learn example"
+        compare(a, a.method, sides, "reference", f"{a.method}: {example} vs metarun, equal budget",
                 {"extra": {"reference": a.ref_extra, "metarun": a.metarun_extra}})
 
 
