@@ -13,6 +13,7 @@ from metarun.augment import RandomAffine
 from metarun.build import augmentation, build
 from metarun.loop import run, score_checkpoints, task_results
 from metarun.tasks.sampling import AugmentedTasks
+from conftest import CONF
 from test_evaluate import call, results_of
 
 AFFINE = RandomAffine(degrees=10.0, translate=0.05, scale=(0.8, 1.2), shear=0.3)
@@ -70,3 +71,13 @@ def test_metarun_eval_tests_a_run_trained_without_augmentation_with_tta(compose_
     assert tta["config"]["eval"]["tta_views"] == 2 and tta["eval_tasks"] == plain["eval_tasks"]
     assert tta["curves"]["test"]["loss_mean"] != plain["curves"]["test"]["loss_mean"]
     assert stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml")))
+def test_every_algorithm_can_be_tested_with_test_time_augmentation(compose_cfg, tmp_path, algorithm):
+    """Every method's test results carry predictions, so each can be tested as an ensemble of views."""
+    run(compose_cfg(f"algorithm={algorithm}", "augment=koch_affine", "eval.tta_views=1"), tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["test/acc_mean"] <= 1.0 and results["config"]["eval"]["tta_views"] == 1
