@@ -117,6 +117,18 @@ def constructor_error(error: BaseException, target: str) -> ConfigError | None:
     return None
 
 
+def backbone_error(error: BaseException, target: str) -> ConfigError | None:
+    """One line for a backbone given an option it does not take: an experiment preset's setting for one
+    backbone (``backbone.pool``) kept after ``backbone=`` chose another (Hydra reports a multi-line TypeError)."""
+    while error is not None:
+        if isinstance(error, TypeError) and "unexpected keyword argument" in str(error):
+            key = str(error).split("argument ")[-1].strip("'\"")
+            return ConfigError(f"{target} takes no option {key!r}, which the config sets (an experiment preset's "
+                               f"setting for another backbone?); remove it with ~backbone.{key}")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective | None = None
                     ) -> tuple[Algorithm, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """The algorithm (on ``device``), its meta-optimizer and the optimizer's schedule (None
@@ -129,7 +141,13 @@ def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective 
         raise ConfigError(f"{target} needs a backbone (its features), and the config has none (~backbone); "
                           f"choose one, e.g. backbone=conv4")
     else:
-        passed["features"] = instantiate(cfg.backbone)
+        try:
+            passed["features"] = instantiate(cfg.backbone)
+        except Exception as error:
+            cause = backbone_error(error, cfg.backbone.get("_target_", "the backbone"))
+            if cause is None:
+                raise
+            raise cause from None
     try:
         algorithm = instantiate(cfg.algorithm, **passed)
     except Exception as error:
