@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
+from conftest import CONF
 from metarun import checkpoint
 from metarun.augment import RandomAffine
 from metarun.build import augmentation, build
 from metarun.loop import run, score_checkpoints, task_results
 from metarun.tasks.sampling import AugmentedTasks
-from conftest import CONF
 from test_evaluate import call, results_of
 
 AFFINE = RandomAffine(degrees=10.0, translate=0.05, scale=(0.8, 1.2), shear=0.3)
@@ -28,15 +28,15 @@ def test_a_view_is_the_same_images_every_time_on_any_share_and_leaves_the_rng_al
     state = torch.get_rng_state()
     first, again = images(AugmentedTasks(tasks, AFFINE, 1)), images(AugmentedTasks(tasks, AFFINE, 1))
     assert torch.equal(torch.get_rng_state(), state)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     plain, other = images(tasks), images(AugmentedTasks(tasks, AFFINE, 2))
-    assert all(a.shape == p.shape and not torch.equal(a, p) for a, p in zip(first, plain))  # every task changed
-    assert all(not torch.equal(a, o) for a, o in zip(first, other))  # each view draws its own distortions
+    assert all(a.shape == p.shape and not torch.equal(a, p) for a, p in zip(first, plain, strict=True))  # every task changed
+    assert all(not torch.equal(a, o) for a, o in zip(first, other, strict=True))  # each view draws its own distortions
     # A rank's share (tasks 2 and 3 of 4) sees the images the whole list has there: seeds follow the place.
     share = images(AugmentedTasks(tasks.part(slice(2, 4)), AFFINE, 1))
-    assert all(torch.equal(a, b) for a, b in zip(share, first[2:]))
+    assert all(torch.equal(a, b) for a, b in zip(share, first[2:], strict=True))
     labels = [(t.support.y, t.query.y) for t in AugmentedTasks(tasks, AFFINE, 1)]
-    assert all(torch.equal(a[0], t.support.y) and torch.equal(a[1], t.query.y) for a, t in zip(labels, tasks))
+    assert all(torch.equal(a[0], t.support.y) and torch.equal(a[1], t.query.y) for a, t in zip(labels, tasks, strict=True))
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "protonet"])

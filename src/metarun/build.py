@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun import config
 from metarun.algorithms.base import Algorithm
+from metarun.augment import Transform
 from metarun.config import takes_features
 from metarun.cpu import configure_cpu
 from metarun.distributed import SINGLE, Ranks, check_world, device_for
-from metarun.augment import Transform
 from metarun.errors import ConfigError, one_line
 from metarun.objectives import Classification, Objective
 from metarun.tasks.device import training_sampler
@@ -103,30 +103,38 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[Sampler, FixedTas
 # own network (the synaptic rule's) does not. The README's "Adding an algorithm" lists them.
 BUILD_ARGUMENTS = ("features", "ways", "train_ways", "objective")
 
+def argument_error(error: BaseException | None) -> TypeError | None:
+    """The TypeError of a constructor called with arguments it does not take, or without ones it needs,
+    wherever Hydra's wrapping put it in ``error``'s chain; None when there is none."""
+    while error is not None:
+        if isinstance(error, TypeError) and "argument" in str(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def constructor_error(error: BaseException, target: str) -> ConfigError | None:
     """One line for an algorithm constructor called with arguments it does not take, or without
     ones it needs (Hydra reports these as a multi-line TypeError)."""
-    while error is not None:
-        if isinstance(error, TypeError) and "argument" in str(error):
-            message = one_line(error).split("__init__() ")[-1]
-            return ConfigError(
-                f"{target}: {message}; the build passes {', '.join(BUILD_ARGUMENTS)} (features only to a "
-                f"constructor that has it) and the options of its conf/algorithm/ file (README: Adding an algorithm)"
-            )
-        error = error.__cause__ or error.__context__
-    return None
+    cause = argument_error(error)
+    if cause is None:
+        return None
+    message = one_line(cause).split("__init__() ")[-1]
+    return ConfigError(
+        f"{target}: {message}; the build passes {', '.join(BUILD_ARGUMENTS)} (features only to a "
+        f"constructor that has it) and the options of its conf/algorithm/ file (README: Adding an algorithm)"
+    )
 
 
 def backbone_error(error: BaseException, target: str) -> ConfigError | None:
     """One line for a backbone given an option it does not take: an experiment preset's setting for one
     backbone (``backbone.pool``) kept after ``backbone=`` chose another (Hydra reports a multi-line TypeError)."""
-    while error is not None:
-        if isinstance(error, TypeError) and "unexpected keyword argument" in str(error):
-            key = str(error).split("argument ")[-1].strip("'\"")
-            return ConfigError(f"{target} takes no option {key!r}, which the config sets (an experiment preset's "
-                               f"setting for another backbone?); remove it with ~backbone.{key}")
-        error = error.__cause__ or error.__context__
-    return None
+    cause = argument_error(error)
+    if cause is None or "unexpected keyword argument" not in str(cause):
+        return None
+    key = str(cause).split("argument ")[-1].strip("'\"")
+    return ConfigError(f"{target} takes no option {key!r}, which the config sets (an experiment preset's "
+                       f"setting for another backbone?); remove it with ~backbone.{key}")
 
 
 def build_algorithm(cfg: DictConfig, device: torch.device, objective: Objective | None = None

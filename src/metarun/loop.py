@@ -92,9 +92,8 @@ def score_tasks(algorithm: Algorithm, tasks: FixedTasks, bn_batch_stats: bool, c
 
 
 def views(tasks: FixedTasks, tta_views: int, transform: Transform | None) -> list[Iterable[Task]]:
-    """The tasks themselves, then ``tta_views`` augmented copies of them (:class:`AugmentedTasks`)."""
-    if tta_views and transform is None:
-        raise ValueError("test-time augmentation needs a transform (config.validate refuses eval.tta_views without augment)")
+    """The tasks themselves, then ``tta_views`` augmented copies of them (:class:`AugmentedTasks`);
+    ``config.validate`` makes sure there is a ``transform`` when ``tta_views > 0``."""
     return [tasks, *(AugmentedTasks(tasks, transform, view) for view in range(1, tta_views + 1))]
 
 

@@ -35,7 +35,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metarun import checkpoint, config, loop
 from metarun.algorithms.base import Algorithm
-from metarun.build import augmentation, build_algorithm, build_data, build_tracker, resolve_device, seed_everything
+from metarun.build import (
+    augmentation,
+    build_algorithm,
+    build_data,
+    build_tracker,
+    resolve_device,
+    seed_everything,
+)
 from metarun.commands import OneLineParser, user_error, user_errors
 from metarun.cpu import configure_cpu
 from metarun.errors import CheckpointError, ConfigError, one_line
