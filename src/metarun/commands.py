@@ -38,6 +38,15 @@ def user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def say(line: str) -> None:
+    """``line`` and its newline on stderr in one write. ``print(..., file=sys.stderr)`` writes the text and the
+    newline separately (Python's stderr is unbuffered), so two torchrun ranks failing at the same moment spliced
+    their lines into one: ``metarun: error: rank 0: ...metarun: error: rank 1: ...``. One write of under 4 KiB to
+    a pipe is atomic, so each rank's line stays whole."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def ending() -> None:
     """The command is ending with its one line: a SIGTERM from here on (torchrun stopping the other ranks
     once one has failed) must not cut that line off or replace it with a traceback."""
@@ -48,7 +57,7 @@ def ending() -> None:
 def fail(message: str) -> None:
     """End the command with ``metarun: error: <message>`` on stderr and exit status 2."""
     ending()
-    print(f"metarun: error: {message}", file=sys.stderr)
+    say(f"metarun: error: {message}")
     sys.exit(2)
 
 
@@ -60,7 +69,7 @@ def user_errors(interrupted: str, label: str = "") -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        print(f"metarun: {label}{interrupted}", file=sys.stderr)
+        say(f"metarun: {label}{interrupted}")
         sys.exit(130)
     except Exception as error:
         ending()
@@ -79,5 +88,5 @@ class OneLineParser(argparse.ArgumentParser):
         self.label = label
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.label}: error: {message} ({self.prog} --help)", file=sys.stderr)
+        say(f"{self.label}: error: {message} ({self.prog} --help)")
         sys.exit(2)

@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from metarun.commands import CONFIG_DIR, OneLineParser
+from metarun.commands import CONFIG_DIR, OneLineParser, say
 from metarun.config import UNNAMED_KEYS
 
 # Overrides that say where things are or how a job runs, not what it computes: they do not split rows.
@@ -556,8 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             returncode = subprocess.run(command, env=env).returncode
             if returncode != 0:
-                print(f"metarun-table: the sweep stopped with exit status {returncode}; tabulating the runs that "
-                      f"finished", file=sys.stderr)
+                say(f"metarun-table: the sweep stopped with exit status {returncode}; tabulating the runs that "
+                    f"finished")
             source = f"`python {shown}`"
         check_out(out)
         runs = collect(sweep_dir, presets)
@@ -565,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise TableError(f"no finished run (results.json) under {sweep_dir}")
         rows = write_table(runs, out, source)
     except TableError as error:
-        print(f"metarun-table: error: {error}", file=sys.stderr)
+        say(f"metarun-table: error: {error}")
         return 2
     print((out / "table.md").read_text())
     print(f"metarun-table: {len(rows)} rows in {out / 'table.md'}, {out / 'table.csv'} and {out / 'table.png'}")
