@@ -97,3 +97,39 @@ def test_a_run_with_another_budget_or_other_arguments_is_not_reused(run_pair, tm
     record.write_text(json.dumps(["ref.py", "--init", "torch"]))
     with pytest.raises(SystemExit, match="holds other arguments"):
         run_pair.run_seeds(a, "maml", lambda seed, p: ["python", "ref.py"], never_run, {})
+
+
+def parse(run_pair, argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--metarun-split", choices=["seed", "fixed"], default="seed")
+    run_pair.add_run_arguments(p)
+    old, sys.argv = sys.argv, ["run_pair.py", *argv]
+    try:
+        return run_pair.parse_run_arguments(p)
+    finally:
+        sys.argv = old
+
+
+def test_each_metarun_seed_redraws_its_split_as_the_reference_does(run_pair, tmp_path):
+    a = args(tmp_path, seeds=(0, 1, 2))
+    a.data_root, a.cpu, a.metarun, a.metarun_extra, a.metarun_split = tmp_path, False, "metarun", [], "seed"
+    splits = [[x for x in run_pair.metarun_command("protonet", a, seed, tmp_path) if x.startswith("dataset.split_seed=")]
+              for seed in a.seeds]
+    assert splits == [["dataset.split_seed=1"], ["dataset.split_seed=2"], ["dataset.split_seed=3"]]
+    a.metarun_split = "fixed"  # the first pairs' protocol: the dataset's default split for every seed
+    assert not any(x.startswith("dataset.split_seed=") for x in run_pair.metarun_command("maml", a, 2, tmp_path))
+
+
+def test_ref_extra_is_split_like_a_shell_line_and_reaches_both_drivers(run_pair, tmp_path):
+    a = parse(run_pair, ["--ref-extra=--init torch", "--ref-extra", "--inner-batches 'epochs'"])
+    assert a.ref_extra == ["--init", "torch", "--inner-batches", "epochs"]
+    spec = importlib.util.spec_from_file_location("run_pair_mamlpp", SCRIPT.parent / "mamlpp" / "run_pair_mamlpp.py")
+    mamlpp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mamlpp)
+    for key in ("data_root", "split_seed", "iterations", "meta_batch", "iters_per_epoch", "msl_iterations",
+                "first_order_iterations", "inner_steps", "eval_inner_steps", "inner_lr", "meta_lr", "min_lr",
+                "val_every", "val_tasks", "test_tasks", "top_k"):
+        setattr(a, key, 1)
+    a.ref, a.init_seed = tmp_path, "seed"
+    cmd = mamlpp.reference_command(a, 0, tmp_path / "result.json")
+    assert cmd[-4:] == ["--init", "torch", "--inner-batches", "epochs"]

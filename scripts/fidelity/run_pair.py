@@ -64,11 +64,22 @@ def reference_command(method: str, a: argparse.Namespace, seed: int, data: Path,
     raise SystemExit(f"unknown method {method}")
 
 
+def metarun_split_seed(a: argparse.Namespace, seed: int) -> int | None:
+    """metarun's dataset.split_seed for a seed's run. learn2learn's examples shuffle the 1 623 characters into
+    train / validation / test with the run's seed, so each reference seed tests other characters; a fair comparison
+    lets metarun's seeds redraw the split too ("seed": split_seed = seed + 1, so seed 0 keeps the default split 1).
+    None ("fixed"): every seed on the dataset's default split, as the first comparisons of docs/fidelity.md ran."""
+    return seed + 1 if a.metarun_split == "seed" else None
+
+
 def metarun_command(method: str, a: argparse.Namespace, seed: int, run_dir: Path) -> list[str]:
     budget = [f"iterations={a.iterations}", f"meta_batch_size={a.meta_batch}", f"eval_every={a.val_every}",
               f"checkpoint_every={a.val_every}", f"eval.tasks={a.test_tasks}", f"eval.val_tasks={a.val_tasks}"]
     common = [f"dataset.root={a.data_root}", f"seed={seed}", f"threads={a.threads}", "wandb.mode=offline",
               "console=false", "resume=auto", f"hydra.run.dir={run_dir}"]
+    split = metarun_split_seed(a, seed)
+    if split is not None:
+        common.append(f"dataset.split_seed={split}")
     if a.cpu:
         common.append("device=cpu")
     if method == "maml":
@@ -318,6 +329,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metarun", default=str(REPO / ".venv/bin/metarun"))
     p.add_argument("--metarun-extra", nargs="*", default=[], help="more metarun overrides (after the others)")
     p.add_argument("--z", type=float, default=1.96, help="the normal quantile of the CIs and bands")
+    p.add_argument("--ref-extra", action="append", default=[], metavar="'ARG ...'",
+                   help="more reference arguments (after the others), one quoted string split like a shell "
+                        "command line, e.g. --ref-extra='--init torch'; may be repeated")
+
+
+def parse_run_arguments(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """``p.parse_args()`` with --ref-extra's strings split into arguments."""
+    a = p.parse_args()
+    a.ref_extra = [arg for chunk in a.ref_extra for arg in shlex.split(chunk)]
+    return a
 
 
 def main() -> None:
@@ -332,12 +353,11 @@ def main() -> None:
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-tasks", type=int)
     p.add_argument("--test-tasks", type=int)
+    p.add_argument("--metarun-split", choices=["seed", "fixed"], default="seed",
+                   help="seed: metarun's seed S runs on dataset.split_seed=S+1, as each reference seed draws its own "
+                        "split; fixed: every seed on the default split (the first MAML, ProtoNet and Reptile pairs)")
     add_run_arguments(p)
-    p.add_argument("--ref-extra", action="append", default=[], metavar="'ARG ...'",
-                   help="more reference arguments (after the others), one quoted string split like a shell "
-                        "command line, e.g. --ref-extra='--init torch'; may be repeated")
-    a = p.parse_args()
-    a.ref_extra = [arg for chunk in a.ref_extra for arg in shlex.split(chunk)]
+    a = parse_run_arguments(p)
     for key, value in DEFAULTS[a.method].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -356,7 +376,9 @@ def main() -> None:
     if not a.only:
         example = f"learn2learn example ({' '.join(a.ref_extra)})" if a.ref_extra else "learn2learn example"
         compare(a, a.method, sides, "reference", f"{a.method}: {example} vs metarun, equal budget",
-                {"extra": {"reference": a.ref_extra, "metarun": a.metarun_extra}})
+                {"extra": {"reference": a.ref_extra, "metarun": a.metarun_extra},
+                 "metarun_split": {"mode": a.metarun_split,
+                                   "split_seed": {s: metarun_split_seed(a, s) for s in a.seeds}}})
 
 
 if __name__ == "__main__":

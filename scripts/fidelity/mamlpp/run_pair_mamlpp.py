@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 # run_pair.py's helpers: the same log handling, budget check, result readers, summary and curve bands.
-from run_pair import add_run_arguments, compare, run_seeds  # noqa: E402
+from run_pair import add_run_arguments, compare, parse_run_arguments, run_seeds  # noqa: E402
 
 METHOD = "mamlpp"
 
@@ -39,7 +39,7 @@ def reference_command(a: argparse.Namespace, seed: int, out_json: Path) -> list[
            "--out", str(out_json), "--workdir", str(out_json.parent / "experiment")]
     if a.cpu:
         cmd.append("--cpu")
-    return cmd
+    return [*cmd, *a.ref_extra]  # e.g. --ref-extra="--init torch" (the driver's switch to PyTorch's initialisation)
 
 
 def metarun_command(a: argparse.Namespace, seed: int, run_dir: Path) -> list[str]:
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--init-seed", choices=["seed", "authors"], default="seed",
                    help="reference's initialisation seed: the run's seed, or the authors' fixed 104")
     add_run_arguments(p)
-    a = p.parse_args()
+    a = parse_run_arguments(p)
     a.ref, a.data_root, a.out = a.ref.resolve(), a.data_root.resolve(), a.out.resolve()
     if not (a.ref / "fidelity_run.py").exists():
         raise SystemExit(f"{a.ref}/fidelity_run.py is missing: run scripts/fidelity/mamlpp/fetch.sh {a.ref}")
@@ -105,11 +105,13 @@ def main() -> None:
     sides = run_seeds(a, METHOD, lambda seed, out_json: reference_command(a, seed, out_json),
                       lambda seed, run_dir: metarun_command(a, seed, run_dir), env)
     if not a.only:
-        compare(a, METHOD, sides, "authors' code (HowToTrainYourMAMLPytorch)",
+        name = "authors' code (HowToTrainYourMAMLPytorch" + (f", {' '.join(a.ref_extra)})" if a.ref_extra else ")")
+        compare(a, METHOD, sides, name,
                 "MAML++ Omniglot 5-way 1-shot: authors' code vs metarun, equal budget",
                 {"matched": {k: getattr(a, k) for k in ("inner_steps", "eval_inner_steps", "inner_lr", "meta_lr",
                                                         "min_lr", "msl_iterations", "first_order_iterations", "top_k")},
-                 "reference_only": {k: getattr(a, k) for k in ("iters_per_epoch", "split_seed", "init_seed")}},
+                 "reference_only": {k: getattr(a, k) for k in ("iters_per_epoch", "split_seed", "init_seed")},
+                 "extra": {"reference": a.ref_extra, "metarun": a.metarun_extra}},
                 {"repository": "https://github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch"})
 
 
