@@ -78,7 +78,7 @@ def backbone(name: str = "conv4", **options):
     """``conf/backbone/<name>.yaml`` built on the glyphs' images (its ``${dataset.*}``), ``options`` replacing
     its values: the networks' values live in the config only (the constructors have no defaults for them)."""
     cfg = OmegaConf.create({"dataset": OmegaConf.load(CONF / "dataset" / "glyphs.yaml"),
-                            "backbone": OmegaConf.load(CONF / "backbone" / f"{name}.yaml")})
+                            "backbone": metarun.config.option_values("backbone", name)})
     return instantiate(cfg.backbone, _convert_="all", **options)
 
 

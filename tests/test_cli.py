@@ -131,8 +131,9 @@ def test_unknown_option_lists_the_valid_ones(tmp_path):
         (["seed=1099511627776"], "metarun: error: seed must be >= 0 and <= 4294967295"),
         (["iterations=-1"], "metarun: error: iterations must be >= 1, got -1"),
         # A preset's option for its own backbone, kept when another backbone is chosen (issue 22: ResNet-12).
-        (["experiment=protonet_omniglot_challenge", "dataset=glyphs", "backbone=resnet12"],
-         "metarun: error: metarun.backbones.ResNet12 takes no option 'pool'"),
+        (["experiment=protonet_miniimagenet_resnet12_5w1s", "dataset=glyphs", "query_shots=1", "train_query_shots=1",
+          "backbone=conv4"],
+         "metarun: error: metarun.backbones.Conv4 takes no option 'drop_rate'"),
         # Test-time augmentation needs views to take (issue 22).
         (["eval.tta_views=-1"], "metarun: error: eval.tta_views must be >= 0"),
         (["eval.tta_views=4"], "metarun: error: eval.tta_views=4 needs an augmentation to apply to the test tasks"),

@@ -206,12 +206,17 @@ def test_hydras_job_directory_names_leave_out_exactly_the_unnamed_keys(compose_c
     assert set(config.JOB_KEYS) <= set(config.UNNAMED_KEYS) <= set(RUNTIME_KEYS)
 
 
+def written(option: str) -> dict:
+    """``group/name`` as its file writes it, with the options of its group it extends (conv4_maxpool: conv4)."""
+    return config.option_values(*option.split("/"))
+
+
 def targets(*groups: str) -> dict[str, list[str]]:
     """``_target_`` -> the configs (``group/name``) of ``groups`` that build it."""
     out: dict[str, list[str]] = {}
     for group in groups:
         for name in options(group):
-            out.setdefault(OmegaConf.load(CONF / group / f"{name}.yaml")._target_, []).append(f"{group}/{name}")
+            out.setdefault(written(f"{group}/{name}")["_target_"], []).append(f"{group}/{name}")
     return out
 
 
@@ -225,8 +230,7 @@ def test_backbone_and_dataset_values_are_declared_once(target):
 
     from hydra.utils import get_object
 
-    configs = {name: OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))  # as written
-               for name in targets("backbone", "dataset")[target]}
+    configs = {name: written(name) for name in targets("backbone", "dataset")[target]}
     for pname, parameter in inspect.signature(get_object(target)).parameters.items():
         setting = [name for name, cfg in configs.items() if pname in cfg]
         if len(setting) == len(configs):
@@ -251,3 +255,11 @@ def test_top_k_beyond_the_validations_a_run_makes_warns_once(compose_cfg, caplog
         if warns:
             assert "\n" not in warnings[0] and f"eval.top_k={top_k}" in warnings[0]
             assert f"validate {validations} time" in warnings[0]
+
+
+def test_an_option_that_extends_another_has_its_values_and_its_own():
+    """conf/backbone/conv4_maxpool.yaml lists conv4 in its defaults and sets pool: what fitting_backbones and the
+    declared-once check read is conv4's values with that one changed, not the file's two lines."""
+    conv4 = config.option_values("backbone", "conv4")
+    assert config.option_values("backbone", "conv4_maxpool") == {**conv4, "pool": "max"}
+    assert conv4["pool"] == "stride" and "defaults" not in conv4

@@ -130,9 +130,9 @@ def test_a_presets_backbone_wins_over_the_datasets(compose_cfg):
         (["dataset=sinusoid", "backbone=mlp"], "backbone.in_features", "use backbone=mlp_sinusoid"),
         (["dataset=sinusoid", "backbone=conv4_84"], "backbone.in_channels", "use backbone=mlp_sinusoid"),
         (["backbone=mlp_sinusoid"], "backbone.in_features",
-         "use one of backbone=conv4, backbone=conv4_84, backbone=conv4_relation, backbone=mlp, backbone=resnet12"),
+         "use one of backbone=conv4, backbone=conv4_84, backbone=conv4_maxpool, backbone=conv4_relation, backbone=mlp, backbone=resnet12"),
         (["dataset=miniimagenet", "backbone=mlp_sinusoid"], "backbone.in_features",
-         "use one of backbone=conv4, backbone=conv4_84, backbone=conv4_relation, backbone=mlp, backbone=resnet12"),
+         "use one of backbone=conv4, backbone=conv4_84, backbone=conv4_maxpool, backbone=conv4_relation, backbone=mlp, backbone=resnet12"),
     ],
 )
 def test_a_backbone_that_does_not_fit_names_the_ones_that_do(compose_cfg, overrides, key, fitting):
@@ -184,7 +184,7 @@ def test_an_algorithm_with_its_own_network_still_needs_no_fitting_backbone(compo
     [
         (["dataset=sinusoid", "backbone=conv4"], "use backbone=mlp_sinusoid"),
         (["dataset=glyphs", "backbone=mlp_sinusoid"],
-         "use one of backbone=conv4, backbone=conv4_84, backbone=conv4_relation, backbone=mlp, backbone=resnet12"),
+         "use one of backbone=conv4, backbone=conv4_84, backbone=conv4_maxpool, backbone=conv4_relation, backbone=mlp, backbone=resnet12"),
     ],
 )
 def test_cli_a_backbone_that_does_not_fit_is_one_line_and_exit_2(tmp_path, overrides, fitting):

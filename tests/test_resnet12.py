@@ -224,3 +224,17 @@ def test_presets_run_one_iteration_on_a_tiny_miniimagenet(compose_cfg, tmp_path,
     run(cfg, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0.0 <= results["test/acc_mean"] <= 1.0
+
+
+CONV4_PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")
+                       if "/backbone: conv4" in p.read_text())
+
+
+@pytest.mark.parametrize("preset", CONV4_PRESETS)
+def test_every_conv4_preset_takes_backbone_resnet12(compose_cfg, preset):
+    """A preset's Conv4 settings belong to its backbone option (conv4_maxpool), not to backbone.* keys the preset
+    sets, so ``experiment=<preset> backbone=resnet12`` builds: the challenge lever of issue 22 died on the
+    challenge preset's ``backbone.pool``, a Conv4 option ResNet12 does not take."""
+    cfg = compose_cfg(f"experiment={preset}", "backbone=resnet12", "backbone.widths=[2,2,2,2]")
+    assert cfg.backbone._target_ == "metarun.backbones.ResNet12"
+    assert isinstance(instantiate(cfg.backbone), ResNet12)

@@ -48,7 +48,7 @@ class Conv4(nn.Sequential):
         pooled_padding: padding of the downsampling blocks' convolutions (Sung et al.: 0); the
             other blocks pad by 1.
 
-    The values of the paper networks are in conf/backbone/ (conv4, conv4_84, conv4_relation), once:
+    The values of the paper networks are in conf/backbone/ (conv4, conv4_maxpool, conv4_84, conv4_relation), once:
     only ``pooled_blocks`` and ``pooled_padding`` have Python defaults, the layout of every config but
     the Relation Network's, which sets its own.
 

@@ -128,7 +128,8 @@ def constructor_error(error: BaseException, target: str) -> ConfigError | None:
 
 def backbone_error(error: BaseException, target: str) -> ConfigError | None:
     """One line for a backbone given an option it does not take: an experiment preset's setting for one
-    backbone (``backbone.pool``) kept after ``backbone=`` chose another (Hydra reports a multi-line TypeError)."""
+    backbone (``backbone.drop_rate`` of a ResNet-12 preset) kept after ``backbone=`` chose another (Hydra reports a
+    multi-line TypeError). The presets' Conv4 settings are backbone options of their own (conv4_maxpool), not keys."""
     cause = argument_error(error)
     if cause is None or "unexpected keyword argument" not in str(cause):
         return None

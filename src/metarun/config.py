@@ -166,6 +166,23 @@ def takes_features(target: str) -> bool:
         return True
 
 
+def option_values(group: str, name: str) -> dict[str, Any]:
+    """``conf/<group>/<name>.yaml``'s own values, unresolved, on top of the options of the same group that its
+    defaults list extends (conv4_maxpool is conv4 with ``pool: max``), in Hydra's order (``_self_`` where it is
+    listed, else last). The list's overrides of other groups (dataset=sinusoid's backbone) are not values."""
+    own = OmegaConf.to_container(OmegaConf.load(config_dir() / group / f"{name}.yaml"), resolve=False)
+    entries = own.pop("defaults", [])
+    if "_self_" not in entries:
+        entries = [*entries, "_self_"]
+    values: dict[str, Any] = {}
+    for entry in entries:
+        if entry == "_self_":
+            values.update(own)
+        elif isinstance(entry, str):
+            values.update(option_values(group, entry))
+    return values
+
+
 def fitting_backbones(cfg: DictConfig) -> list[str]:
     """The options of conf/backbone/ that fit ``cfg``'s dataset: those whose values resolve against it.
 
@@ -177,8 +194,7 @@ def fitting_backbones(cfg: DictConfig) -> list[str]:
     fitting = []
     for path in sorted((config_dir() / "backbone").glob("*.yaml")):
         try:
-            option = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-            option.pop("defaults", None)
+            option = option_values("backbone", path.stem)
             probe = OmegaConf.create({**base, "backbone": option})
             OmegaConf.to_container(probe.backbone, resolve=True)
         except (OmegaConfBaseException, ConfigError, OSError, AttributeError):
