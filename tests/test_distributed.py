@@ -156,6 +156,25 @@ def test_ranks_with_different_configs_are_refused(tmp_path: Path) -> None:
     assert "src/metarun/" not in done.stderr  # no traceback from metarun's code on either rank (torchrun's own is there)
 
 
+def test_a_failed_collective_waits_for_the_dying_rank_to_be_seen_gone() -> None:
+    """The kernel closes a killed rank's sockets before it becomes a zombie, so the survivor's collective can fail
+    while the peer still looks alive; stopped() names the rank once it is gone instead of 'lost contact' (a CI run
+    of the SIGKILL test below failed so, under load). Here the peer is a process that ends 0.5 s later."""
+    import socket
+
+    from metarun.distributed import GONE_GRACE_S, Peer, Ranks
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        host = socket.gethostname()
+        ranks = Ranks(rank=0, world_size=2, local_rank=0, peers=(Peer(host, os.getpid()), Peer(host, peer.pid)))
+        assert GONE_GRACE_S >= 1.0
+        line = ranks.stopped(RuntimeError("Connection reset by peer"))
+        assert line.startswith(f"rank 1 stopped (process {peer.pid})"), line
+    finally:
+        peer.wait()
+
+
 @pytest.mark.parametrize("end", ["fail", "parser", "interrupt"])
 def test_each_line_reaches_stderr_in_one_write(monkeypatch, end: str) -> None:
     """Ranks share one stderr. print() wrote a line's text and its newline in two writes, so two ranks failing

@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,11 @@ _WARNED_CARRIED = False  # the warning of merge_buffers, once per process
 # process); a rank that dies closes its connections and is noticed at once. METARUN_DIST_TIMEOUT_S
 # changes it (the group is joined before the config is composed).
 TIMEOUT_S = 300
+# How long a rank whose collective failed waits for the peer that caused it to show as gone. The kernel closes a
+# killed process's sockets before the process becomes a zombie, so the survivor's "connection reset" can come
+# while the peer still looks alive; under load that window reached the stopped() check (a CI run's "lost contact
+# with another rank" where rank 1 had been killed).
+GONE_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -251,9 +257,15 @@ class Ranks:
             raise RankFailure(self.stopped(error)) from None
 
     def stopped(self, error: BaseException | str) -> str:
-        """One line: which rank stopped (a peer on this host whose process is gone), and what to do."""
-        gone = [r for r, peer in enumerate(self.peers) if r != self.rank and peer.host == socket.gethostname()
-                and not process_alive(peer.pid)]
+        """One line: which rank stopped (a peer on this host whose process is gone, waiting up to GONE_GRACE_S
+        for it to be seen gone), and what to do."""
+        local = [r for r, peer in enumerate(self.peers) if r != self.rank and peer.host == socket.gethostname()]
+        deadline = time.monotonic() + GONE_GRACE_S
+        while True:
+            gone = [r for r in local if not process_alive(self.peers[r].pid)]
+            if gone or not local or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
         cause = one_line(error) if isinstance(error, BaseException) else error
         who = (f"rank {', '.join(map(str, gone))} stopped (process {', '.join(str(self.peers[r].pid) for r in gone)})"
                if gone else f"lost contact with another rank ({cause[:160]})")
