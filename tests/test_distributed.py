@@ -163,14 +163,18 @@ def test_a_failed_collective_waits_for_the_dying_rank_to_be_seen_gone() -> None:
     import socket
 
     from metarun.distributed import GONE_GRACE_S, Peer, Ranks
+    from metarun.errors import RankFailure
+
+    def collective() -> None:
+        raise RuntimeError("Connection reset by peer")
 
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     try:
         host = socket.gethostname()
         ranks = Ranks(rank=0, world_size=2, local_rank=0, peers=(Peer(host, os.getpid()), Peer(host, peer.pid)))
         assert GONE_GRACE_S >= 1.0
-        line = ranks.stopped(RuntimeError("Connection reset by peer"))
-        assert line.startswith(f"rank 1 stopped (process {peer.pid})"), line
+        with pytest.raises(RankFailure, match=rf"^rank 1 stopped \(process {peer.pid}\)"):
+            ranks._call(collective)
     finally:
         peer.wait()
 

@@ -101,7 +101,6 @@ def test_a_run_with_another_budget_or_other_arguments_is_not_reused(run_pair, tm
 
 def parse(run_pair, argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--metarun-split", choices=["seed", "fixed"], default="seed")
     run_pair.add_run_arguments(p)
     old, sys.argv = sys.argv, ["run_pair.py", *argv]
     try:

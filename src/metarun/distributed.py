@@ -254,13 +254,14 @@ class Ranks:
         except RankFailure:
             raise
         except Exception as error:  # noqa: BLE001 - any backend error here means a rank is gone or hung
-            raise RankFailure(self.stopped(error)) from None
+            raise RankFailure(self.stopped(error, grace=GONE_GRACE_S)) from None
 
-    def stopped(self, error: BaseException | str) -> str:
-        """One line: which rank stopped (a peer on this host whose process is gone, waiting up to GONE_GRACE_S
-        for it to be seen gone), and what to do."""
+    def stopped(self, error: BaseException | str, grace: float = 0.0) -> str:
+        """One line: which rank stopped (a peer on this host whose process is gone, waiting up to ``grace``
+        seconds for one to be seen gone), and what to do. A failed collective waits (GONE_GRACE_S); the
+        launcher's SIGTERM does not, as the launcher has already reaped the rank that ended."""
         local = [r for r, peer in enumerate(self.peers) if r != self.rank and peer.host == socket.gethostname()]
-        deadline = time.monotonic() + GONE_GRACE_S
+        deadline = time.monotonic() + grace
         while True:
             gone = [r for r in local if not process_alive(self.peers[r].pid)]
             if gone or not local or time.monotonic() >= deadline:
